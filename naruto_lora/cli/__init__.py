@@ -1,0 +1,41 @@
+"""The ``nlora`` command line: one small module per subcommand."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from naruto_lora import __version__
+from naruto_lora.cli import cache, doctor, export, plan, plugins_cmd, profiles, sample, train
+from naruto_lora.cli.common import run_guarded
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="nlora")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for errors too.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """naruto-lora: train SDXL LoRAs on small GPUs.
+
+    \b
+    Phases, in order:
+      nlora doctor          check this machine and recommend a profile
+      nlora cache latents   pre-encode images through the VAE
+      nlora cache text      pre-encode captions through both CLIP encoders
+      nlora train           train the UNet LoRA
+      nlora sample          generate images with the LoRA
+      nlora export          write the LoRA for ComfyUI / A1111 / diffusers, or merged
+
+    Try it on a CPU with the built-in tiny model: nlora demo
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+for module in (doctor, cache, train, sample, export, profiles, plugins_cmd, plan):
+    module.register(cli)
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run_guarded(cli, argv))

@@ -1,0 +1,102 @@
+"""Options and error handling shared by the subcommands."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from naruto_lora.errors import UserError
+
+
+def _debug_requested(argv: list[str] | None) -> bool:
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    return "--debug" in args or os.environ.get("NLORA_DEBUG") == "1"
+
+
+def print_user_error(exc: UserError) -> None:
+    from rich.markup import escape
+
+    from naruto_lora.console import err_console
+
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+
+
+def run_guarded(cli: click.Group, argv: list[str] | None = None) -> int:
+    """Run the CLI; a UserError becomes a one-paragraph message and a non-zero exit code."""
+    from naruto_lora.console import err_console
+
+    try:
+        result = cli.main(args=argv, prog_name="nlora", standalone_mode=False)
+    except UserError as exc:
+        if _debug_requested(argv):
+            err_console.print_exception()
+        print_user_error(exc)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.Abort:
+        err_console.print("[red]Aborted.[/]")
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    # With standalone_mode=False click returns ctx.exit()'s code instead of raising.
+    return result if isinstance(result, int) else 0
+
+
+class GuardedCommand(click.Command):
+    """Lets CliRunner see UserErrors as clean exits too (tests invoke commands directly)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            if (ctx.find_root().obj or {}).get("debug"):
+                raise
+            print_user_error(exc)
+            ctx.exit(exc.exit_code)
+
+
+def profile_options(func: Callable) -> Callable:
+    """--profile, --set, --enable/--disable and the shorthands, for every phase command."""
+    options = [
+        click.option("--profile", "-p", "profile_name", default="14gb", show_default=True,
+                     help="Built-in profile name (14gb, 12gb, 8gb, tiny, ...) or a path to a .toml file."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                     help="Override one profile key; the value is parsed as TOML. Repeatable."),
+        click.option("--enable", multiple=True, metavar="PLUGIN", help="Turn a plugin on. Repeatable."),
+        click.option("--disable", multiple=True, metavar="PLUGIN", help="Turn a plugin off. Repeatable."),
+        click.option("--model", default=None, help="Base model: hub id or local diffusers folder (model.pretrained)."),
+        click.option("--vae", default=None, help="VAE: hub id or local folder; '' = the model's own (model.vae)."),
+        click.option("--data", default=None, help="Data set: hub id or local folder (data.source)."),
+        click.option("--output", default=None, help="Training output folder (train.output_dir)."),
+        click.option("--cache-dir", default=None, help="Cache folder (cache.dir)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def load_profile_from_options(kwargs: dict[str, Any]):
+    """Pop the profile options from a command's kwargs and resolve the profile."""
+    import json
+
+    from naruto_lora.profile import SHORTHANDS, load_profile
+
+    overrides = list(kwargs.pop("overrides", ()))
+    for option, key in SHORTHANDS.items():
+        value = kwargs.pop(option, None)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    return load_profile(
+        kwargs.pop("profile_name"),
+        overrides=overrides,
+        enable=kwargs.pop("enable", ()),
+        disable=kwargs.pop("disable", ()),
+    )
+

@@ -1,0 +1,9 @@
+"""`nlora train` (being built)."""
+
+from __future__ import annotations
+
+import click
+
+
+def register(cli: click.Group) -> None:
+    pass

@@ -1,0 +1,476 @@
+"""TOML profiles: ``extends`` chains, strict validation, ``--set`` overrides -> frozen dataclasses.
+
+Precedence, lowest first: dataclass defaults < the ``extends`` chain < the profile itself <
+``--set key.path=value`` (the value parsed as TOML) < ``--enable NAME`` / ``--disable NAME``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import tomli_w
+
+from naruto_lora.errors import UserError
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+DEFAULT_VAE = "madebyollin/sdxl-vae-fp16-fix"
+DEFAULT_DATA = "lambdalabs/naruto-blip-captions"
+
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    pretrained: str = DEFAULT_MODEL
+    # Empty means the model's own VAE. The fp16-fix VAE is the default because
+    # SDXL's own VAE overflows to NaN in fp16.
+    vae: str = DEFAULT_VAE
+    revision: str = ""
+    variant: str = ""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = DEFAULT_DATA
+    image_column: str = "image"
+    caption_column: str = "text"
+    split: str = "train"
+    resolution: int = 1024
+    center_crop: bool = True
+    random_flip: bool = False
+    buckets: bool = False
+    max_items: int = 0
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dir: str = ".nlora-cache"
+    latents: bool = True
+    # "memory": text encoded on the fly by encoders on the device;
+    # "disk": embeddings cached to disk, encoders never loaded by training.
+    text: Literal["memory", "disk"] = "memory"
+    shard_items: int = 256
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 4
+    epochs: int = 10
+    max_steps: int = 2000
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 100
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    checkpoint_every: int = 500
+    checkpoints_keep: int = 3
+    max_nonfinite_in_row: int = 5
+    dataloader_workers: int = 0
+    output_dir: str = "output"
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    prompts: tuple[str, ...] = ("a ninja boy with spiky blond hair, naruto style",)
+    every_steps: int = 0
+    seed: int = 0
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+
+
+@dataclass(frozen=True)
+class PluginSettings:
+    """One ``[plugins.NAME]`` table: whether it runs, and the plugin's own config dataclass."""
+
+    enabled: bool
+    config: Any
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    plugins: Mapping[str, PluginSettings] = field(default_factory=lambda: types.MappingProxyType({}))
+
+    def enabled_plugins(self) -> list[str]:
+        return [name for name, settings in self.plugins.items() if settings.enabled]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved profile as plain TOML-able data (no ``extends``)."""
+        out: dict[str, Any] = {"name": self.name, "description": self.description}
+        for section in SECTIONS:
+            out[section] = _plain(dataclasses.asdict(getattr(self, section)))
+        out["plugins"] = {
+            name: {"enabled": s.enabled, **_plain(dataclasses.asdict(s.config))}
+            for name, s in sorted(self.plugins.items())
+        }
+        return out
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "cache": CacheConfig,
+    "lora": LoraConfig,
+    "train": TrainConfig,
+    "validation": ValidationConfig,
+}
+TOP_LEVEL_KEYS = ("extends", "name", "description", "plugins", *SECTIONS)
+
+# CLI shorthands for the most used keys.
+SHORTHANDS = {
+    "model": "model.pretrained",
+    "vae": "model.vae",
+    "data": "data.source",
+    "output": "train.output_dir",
+    "cache_dir": "cache.dir",
+}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- locating
+
+
+def builtin_profile_names() -> list[str]:
+    root = resources.files("nlora_profiles")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def _read_toml(path: Path | Any, label: str) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"Cannot read profile {label}: {exc.strerror or exc}.") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"Profile {label} is not valid TOML: {exc}.", hint="Fix the file.") from exc
+
+
+def locate_profile(name_or_path: str, relative_to: Path | None = None) -> tuple[str, dict[str, Any], Path | None]:
+    """Find a profile by shipped name or by file path; return (name, raw table, file path)."""
+    candidate = Path(name_or_path).expanduser()
+    if relative_to is not None and not candidate.is_absolute():
+        candidate = relative_to / candidate
+    looks_like_path = name_or_path.endswith(".toml") or "/" in name_or_path or "\\" in name_or_path
+    if looks_like_path or candidate.is_file():
+        if not candidate.is_file():
+            raise UserError(
+                f"Profile file '{candidate}' does not exist.",
+                hint=f"Give a path to a .toml file or one of: {', '.join(builtin_profile_names())}.",
+            )
+        return candidate.stem, _read_toml(candidate, f"'{candidate}'"), candidate.resolve()
+    if name_or_path in builtin_profile_names():
+        res = resources.files("nlora_profiles") / f"{name_or_path}.toml"
+        return name_or_path, _read_toml(res, f"'{name_or_path}' (built in)"), None
+    raise UserError(
+        f"Unknown profile '{name_or_path}'.",
+        hint=f"Built-in profiles: {', '.join(builtin_profile_names())}; or give a path to a .toml file.",
+    )
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    """Merge a profile with its ``extends`` chain (base first); detect cycles."""
+    chain: list[dict[str, Any]] = []
+    seen: list[str] = []
+    current: str | None = name_or_path
+    relative_to: Path | None = None
+    name = ""
+    while current is not None:
+        found_name, raw, path = locate_profile(current, relative_to)
+        key = str(path) if path else found_name
+        if key in seen:
+            raise UserError(f"Profile 'extends' chain loops: {' -> '.join([*seen, key])}.")
+        seen.append(key)
+        name = name or found_name
+        chain.append(raw)
+        extends = raw.get("extends")
+        if extends is not None and not isinstance(extends, str):
+            raise UserError(f"Profile '{found_name}': 'extends' must be a profile name or path string.")
+        current = extends
+        relative_to = path.parent if path else None
+    merged: dict[str, Any] = {}
+    for raw in reversed(chain):
+        merged = _deep_merge(merged, raw)
+    merged.pop("extends", None)
+    # A profile's own description wins; a parent's description does not describe the child.
+    merged["description"] = chain[0].get("description", merged.get("description", ""))
+    return name, merged
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_set(assignment: str) -> tuple[list[str], Any]:
+    """``key.path=value`` with the value parsed as TOML (bare words are taken as strings)."""
+    if "=" not in assignment:
+        raise UserError(f"--set '{assignment}' needs the form key.path=value, e.g. train.max_steps=500.")
+    key, _, text = assignment.partition("=")
+    path = [part.strip() for part in key.strip().split(".")]
+    if not all(path):
+        raise UserError(f"--set '{assignment}': '{key}' is not a dotted key path.")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()  # a bare word: treat as a string, as people type it
+    return path, value
+
+
+def apply_override(raw: dict[str, Any], path: Sequence[str], value: Any) -> dict[str, Any]:
+    top: dict[str, Any] = {}
+    node = top
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+    return _deep_merge(raw, top)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    bad = UserError(
+        f"{where} = {value!r} has the wrong type: expected {_type_name(tp)}.",
+    )
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise UserError(f"{where} = {value!r} is not allowed; choose one of: {_type_name(tp)}.")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        inner = typing.get_args(tp)[0]
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config field type {tp!r} at {where}")  # a bug in a dataclass
+
+
+def build_dataclass(cls: type, table: Any, where: str) -> Any:
+    """Fill a frozen dataclass from a TOML table; unknown keys and wrong types are user errors."""
+    if not isinstance(table, Mapping):
+        raise UserError(f"[{where}] must be a table, got {table!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - fields)
+    if unknown:
+        raise UserError(
+            f"Unknown key{'s' if len(unknown) > 1 else ''} {', '.join(f'{where}.{k}' for k in unknown)}.",
+            hint=f"Valid keys in [{where}]: {', '.join(sorted(fields))}.",
+        )
+    values = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in table.items()}
+    return cls(**values)
+
+
+def _validate_values(profile: Profile) -> None:
+    checks = [
+        (profile.data.resolution >= 8 and profile.data.resolution % 8 == 0,
+         "data.resolution", profile.data.resolution, "a positive multiple of 8"),
+        (profile.lora.rank >= 1, "lora.rank", profile.lora.rank, "at least 1"),
+        (profile.lora.alpha > 0, "lora.alpha", profile.lora.alpha, "positive"),
+        (len(profile.lora.target_modules) > 0, "lora.target_modules", list(profile.lora.target_modules),
+         "a non-empty list"),
+        (0.0 <= profile.lora.dropout < 1.0, "lora.dropout", profile.lora.dropout, "in [0, 1)"),
+        (profile.train.batch_size >= 1, "train.batch_size", profile.train.batch_size, "at least 1"),
+        (profile.train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps",
+         profile.train.gradient_accumulation_steps, "at least 1"),
+        (profile.train.epochs >= 1, "train.epochs", profile.train.epochs, "at least 1"),
+        (profile.train.max_steps >= 1, "train.max_steps", profile.train.max_steps, "at least 1"),
+        (profile.train.learning_rate > 0, "train.learning_rate", profile.train.learning_rate, "positive"),
+        (profile.train.lr_scheduler in LR_SCHEDULERS, "train.lr_scheduler", profile.train.lr_scheduler,
+         f"one of {', '.join(LR_SCHEDULERS)}"),
+        (profile.train.lr_warmup_steps >= 0, "train.lr_warmup_steps", profile.train.lr_warmup_steps,
+         "0 or more"),
+        (profile.train.max_grad_norm >= 0, "train.max_grad_norm", profile.train.max_grad_norm,
+         "0 (off) or more"),
+        (profile.train.checkpoint_every >= 0, "train.checkpoint_every", profile.train.checkpoint_every,
+         "0 (off) or more"),
+        (profile.train.checkpoints_keep >= 1, "train.checkpoints_keep", profile.train.checkpoints_keep,
+         "at least 1"),
+        (profile.train.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row",
+         profile.train.max_nonfinite_in_row, "at least 1"),
+        (profile.validation.every_steps >= 0, "validation.every_steps", profile.validation.every_steps,
+         "0 (off) or more"),
+        (profile.cache.shard_items >= 1, "cache.shard_items", profile.cache.shard_items, "at least 1"),
+        (profile.data.max_items >= 0, "data.max_items", profile.data.max_items, "0 (all) or more"),
+        (bool(profile.model.pretrained), "model.pretrained", profile.model.pretrained,
+         "a hub id or a local folder"),
+        (bool(profile.data.source), "data.source", profile.data.source, "a hub id or a local folder"),
+    ]
+    for ok, key, value, expected in checks:
+        if not ok:
+            raise UserError(f"{key} = {value!r} is invalid: it must be {expected}.")
+
+
+def validate(name: str, raw: Mapping[str, Any], plugin_classes: Mapping[str, type] | None = None) -> Profile:
+    """Turn a merged raw table into a ``Profile``; every problem is a ``UserError``."""
+    from naruto_lora.plugins import discover_plugins
+
+    if plugin_classes is None:
+        plugin_classes = discover_plugins()
+    unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise UserError(
+            f"Unknown top-level key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in profile '{name}'.",
+            hint=f"Valid top-level keys: {', '.join(TOP_LEVEL_KEYS)}.",
+        )
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise UserError(f"description = {description!r} must be a string.")
+    sections = {key: build_dataclass(cls, raw.get(key, {}), key) for key, cls in SECTIONS.items()}
+
+    plugin_tables = raw.get("plugins", {})
+    if not isinstance(plugin_tables, Mapping):
+        raise UserError("[plugins] must be a table of [plugins.NAME] tables.")
+    for plugin_name in plugin_tables:
+        if plugin_name not in plugin_classes:
+            raise UserError(
+                f"Unknown plugin '{plugin_name}' in [plugins.{plugin_name}].",
+                hint=f"Installed plugins: {', '.join(sorted(plugin_classes))}.",
+            )
+    plugins: dict[str, PluginSettings] = {}
+    for plugin_name, cls in sorted(plugin_classes.items()):
+        table = dict(plugin_tables.get(plugin_name, {}))
+        enabled = table.pop("enabled", False)
+        if not isinstance(enabled, bool):
+            raise UserError(f"plugins.{plugin_name}.enabled = {enabled!r} must be true or false.")
+        config = build_dataclass(cls.Config, table, f"plugins.{plugin_name}")
+        validate_config = getattr(config, "validate", None)
+        if callable(validate_config):
+            validate_config()
+        plugins[plugin_name] = PluginSettings(enabled=enabled, config=config)
+
+    profile = Profile(
+        name=str(raw.get("name", name)),
+        description=description,
+        plugins=types.MappingProxyType(plugins),
+        **sections,
+    )
+    _validate_values(profile)
+    return profile
+
+
+def load_profile(
+    name_or_path: str = "14gb",
+    overrides: Iterable[str] = (),
+    enable: Iterable[str] = (),
+    disable: Iterable[str] = (),
+    plugin_classes: Mapping[str, type] | None = None,
+) -> Profile:
+    """Resolve a profile with the CLI's overrides applied, in the documented precedence."""
+    from naruto_lora.plugins import discover_plugins
+
+    if plugin_classes is None:
+        plugin_classes = discover_plugins()
+    name, raw = resolve_raw(name_or_path)
+    raw.pop("name", None)
+    for assignment in overrides:
+        path, value = parse_set(assignment)
+        raw = apply_override(raw, path, value)
+    for flag, names, value in (("--enable", enable, True), ("--disable", disable, False)):
+        for plugin_name in names:
+            if plugin_name not in plugin_classes:
+                raise UserError(
+                    f"{flag} {plugin_name}: no such plugin.",
+                    hint=f"Installed plugins: {', '.join(sorted(plugin_classes))}.",
+                )
+            raw = apply_override(raw, ["plugins", plugin_name, "enabled"], value)
+    return validate(name, raw, plugin_classes)
+
+
+def write_resolved(profile: Profile, path: Path) -> None:
+    """Write the resolved profile next to a run's outputs (atomically), so it can be reproduced."""
+    from naruto_lora.io import atomic_write_text
+
+    atomic_write_text(path, profile.to_toml())

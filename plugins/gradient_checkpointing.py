@@ -1,0 +1,20 @@
+"""Gradient checkpointing of the UNet: recompute activations in the backward pass instead of
+storing them. Saves most activation memory for about 20-35% more compute per step."""
+
+from __future__ import annotations
+
+from naruto_lora.hookspecs import hookimpl
+from naruto_lora.plugins import Plugin
+
+
+class GradientCheckpointing(Plugin):
+    name = "gradient_checkpointing"
+    description = "Recompute UNet activations in backward: far less memory, ~20-35% slower steps."
+
+    @hookimpl
+    def nlora_prepare_unet(self, unet, profile, training: bool) -> None:
+        if training:
+            unet.enable_gradient_checkpointing()
+
+
+PLUGIN = GradientCheckpointing
