@@ -11,7 +11,9 @@ from naruto_lora.hookspecs import hookimpl
 class CoreDefaults:
     @hookimpl(trylast=True)
     def nlora_sample_noise(self, state, latents: torch.Tensor, generator) -> torch.Tensor:
-        return torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        return torch.randn(
+            latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+        )
 
     @hookimpl(trylast=True)
     def nlora_sample_timesteps(self, state, batch_size: int, device, generator) -> torch.Tensor:

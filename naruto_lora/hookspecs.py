@@ -67,7 +67,9 @@ def nlora_train_start(state: TrainState) -> None:
 
 
 @hookspec(firstresult=True)
-def nlora_sample_noise(state: TrainState, latents: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def nlora_sample_noise(
+    state: TrainState, latents: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
     """Exactly one answer: the noise added to ``latents`` (same shape). Core default: N(0, I)."""
 
 

@@ -25,12 +25,17 @@ UNET_PREFIX = "unet."
 
 def check_target_modules(unet: torch.nn.Module, targets: tuple[str, ...] | list[str]) -> None:
     """Every target must name at least one Linear/Conv module of the UNet (peft's suffix match)."""
-    names = [name for name, module in unet.named_modules()
-             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
+    names = [
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+    ]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in names} | {".".join(n.rsplit(".", 2)[-2:]) for n in names
-                                                                 if n.endswith(".0")})
+        leaves = sorted(
+            {n.rsplit(".", 1)[-1] for n in names}
+            | {".".join(n.rsplit(".", 2)[-2:]) for n in names if n.endswith(".0")}
+        )
         raise UserError(
             f"lora.target_modules names module(s) this UNet does not have: {', '.join(missing)}.",
             hint=f"Module names available to target include: {', '.join(leaves[:40])}.",
@@ -84,8 +89,10 @@ def save_lora(
     """Write ``folder/pytorch_lora_weights.safetensors`` atomically, in diffusers' layout."""
     from naruto_lora.io import atomic_save_safetensors
 
-    metadata = {"format": "pt", ADAPTER_METADATA_KEY: json.dumps(dict(adapter_meta), indent=2, sort_keys=True,
-                                                                 default=str)}
+    metadata = {
+        "format": "pt",
+        ADAPTER_METADATA_KEY: json.dumps(dict(adapter_meta), indent=2, sort_keys=True, default=str),
+    }
     for key, value in (extra_metadata or {}).items():
         metadata[key] = value if isinstance(value, str) else json.dumps(value, default=str)
     tensors = {k: (v.to(dtype) if dtype is not None else v) for k, v in state_dict.items()}
@@ -99,19 +106,27 @@ def find_lora_file(path: Path | str, ema: bool = False) -> Path:
     path = Path(path).expanduser()
     if path.is_file():
         if ema:
-            raise UserError(f"--ema needs a training output folder, but '{path}' is a single file.",
-                            hint=f"Point --lora at the folder that holds {EMA_SUBFOLDER}/.")
+            raise UserError(
+                f"--ema needs a training output folder, but '{path}' is a single file.",
+                hint=f"Point --lora at the folder that holds {EMA_SUBFOLDER}/.",
+            )
         if path.suffix != ".safetensors":
-            raise UserError(f"'{path}' is not a .safetensors file; only safetensors LoRA files are loaded.")
+            raise UserError(
+                f"'{path}' is not a .safetensors file; only safetensors LoRA files are loaded."
+            )
         return path
     if not path.is_dir():
-        raise UserError(f"LoRA path '{path}' does not exist.",
-                        hint="Give a training output folder, a checkpoint folder or a .safetensors file.")
+        raise UserError(
+            f"LoRA path '{path}' does not exist.",
+            hint="Give a training output folder, a checkpoint folder or a .safetensors file.",
+        )
     if ema:
         candidate = path / EMA_SUBFOLDER / WEIGHT_NAME
         if not candidate.is_file():
-            raise UserError(f"'{path}' has no EMA weights ({EMA_SUBFOLDER}/{WEIGHT_NAME} is missing).",
-                            hint="That run trained without the ema plugin; drop --ema, or retrain with --enable ema.")
+            raise UserError(
+                f"'{path}' has no EMA weights ({EMA_SUBFOLDER}/{WEIGHT_NAME} is missing).",
+                hint="That run trained without the ema plugin; drop --ema, or retrain with --enable ema.",
+            )
         return candidate
     candidate = path / WEIGHT_NAME
     if candidate.is_file():
@@ -119,8 +134,10 @@ def find_lora_file(path: Path | str, ema: bool = False) -> Path:
     others = sorted(path.glob("*.safetensors"))
     if len(others) == 1:
         return others[0]
-    raise UserError(f"No LoRA weights in '{path}': expected {WEIGHT_NAME}.",
-                    hint="Point --lora at a training output folder, a checkpoint folder or a .safetensors file.")
+    raise UserError(
+        f"No LoRA weights in '{path}': expected {WEIGHT_NAME}.",
+        hint="Point --lora at a training output folder, a checkpoint folder or a .safetensors file.",
+    )
 
 
 def read_lora_file(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -132,6 +149,8 @@ def read_lora_file(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str,
             metadata = dict(fh.metadata() or {})
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except Exception as exc:  # safetensors raises its own error types for damaged headers
-        raise UserError(f"'{path}' is not a readable safetensors file: {exc}.",
-                        hint="The file may be truncated; re-export or re-train it.") from exc
+        raise UserError(
+            f"'{path}' is not a readable safetensors file: {exc}.",
+            hint="The file may be truncated; re-export or re-train it.",
+        ) from exc
     return tensors, metadata

@@ -45,7 +45,7 @@ def _load(loader: Any, model_id: str, what: str, **kwargs: Any) -> Any:
     """Call a ``from_pretrained`` and turn "not found / no network" into a clear user error."""
     try:
         return loader.from_pretrained(model_id, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         sub = kwargs.get("subfolder")
         where = f"'{model_id}'" + (f" (subfolder '{sub}')" if sub else "")
         raise UserError(
@@ -69,8 +69,14 @@ def load_unet(model_cfg: Any, dtype: torch.dtype = torch.float32):
     from diffusers import UNet2DConditionModel
 
     model_id = resolve_model(model_cfg.pretrained)
-    unet = _load(UNet2DConditionModel, model_id, "UNet", subfolder="unet", torch_dtype=dtype,
-                 **_common(model_cfg))
+    unet = _load(
+        UNet2DConditionModel,
+        model_id,
+        "UNet",
+        subfolder="unet",
+        torch_dtype=dtype,
+        **_common(model_cfg),
+    )
     if getattr(unet.config, "addition_embed_type", None) != "text_time":
         raise UserError(
             f"'{model_cfg.pretrained}' is not an SDXL-architecture model: its UNet has "
@@ -86,8 +92,14 @@ def load_vae(model_cfg: Any, dtype: torch.dtype = torch.float32):
 
     if model_cfg.vae:
         return _load(AutoencoderKL, resolve_model(model_cfg.vae), "VAE", torch_dtype=dtype)
-    return _load(AutoencoderKL, resolve_model(model_cfg.pretrained), "VAE", subfolder="vae",
-                 torch_dtype=dtype, **_common(model_cfg))
+    return _load(
+        AutoencoderKL,
+        resolve_model(model_cfg.pretrained),
+        "VAE",
+        subfolder="vae",
+        torch_dtype=dtype,
+        **_common(model_cfg),
+    )
 
 
 def vae_is_fp16_safe(model_cfg: Any, vae: Any) -> bool:
@@ -108,14 +120,36 @@ def load_text_encoders(model_cfg: Any, dtype: torch.dtype = torch.float32) -> Te
 
     model_id = resolve_model(model_cfg.pretrained)
     common = _common(model_cfg)
-    tok1 = _load(CLIPTokenizer, model_id, "tokenizer", subfolder="tokenizer",
-                 **{k: v for k, v in common.items() if k == "revision"})
-    tok2 = _load(CLIPTokenizer, model_id, "second tokenizer", subfolder="tokenizer_2",
-                 **{k: v for k, v in common.items() if k == "revision"})
-    enc1 = _load(CLIPTextModel, model_id, "text encoder", subfolder="text_encoder", torch_dtype=dtype,
-                 **common)
-    enc2 = _load(CLIPTextModelWithProjection, model_id, "second text encoder", subfolder="text_encoder_2",
-                 torch_dtype=dtype, **common)
+    tok1 = _load(
+        CLIPTokenizer,
+        model_id,
+        "tokenizer",
+        subfolder="tokenizer",
+        **{k: v for k, v in common.items() if k == "revision"},
+    )
+    tok2 = _load(
+        CLIPTokenizer,
+        model_id,
+        "second tokenizer",
+        subfolder="tokenizer_2",
+        **{k: v for k, v in common.items() if k == "revision"},
+    )
+    enc1 = _load(
+        CLIPTextModel,
+        model_id,
+        "text encoder",
+        subfolder="text_encoder",
+        torch_dtype=dtype,
+        **common,
+    )
+    enc2 = _load(
+        CLIPTextModelWithProjection,
+        model_id,
+        "second text encoder",
+        subfolder="text_encoder_2",
+        torch_dtype=dtype,
+        **common,
+    )
     for enc in (enc1, enc2):
         enc.requires_grad_(False)
         enc.eval()
@@ -123,14 +157,21 @@ def load_text_encoders(model_cfg: Any, dtype: torch.dtype = torch.float32) -> Te
 
 
 @torch.no_grad()
-def encode_prompts(text: TextEncoders, captions: list[str], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(
+    text: TextEncoders, captions: list[str], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL conditioning: the concatenated penultimate hidden states of both encoders, and the
     second encoder's projected pooled output (what ``StableDiffusionXLPipeline.encode_prompt`` does)."""
     hidden = []
     pooled = None
-    for tokenizer, encoder in zip(text.tokenizers, text.encoders):
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
+    for tokenizer, encoder in zip(text.tokenizers, text.encoders, strict=True):
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
         out = encoder(ids, output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         pooled = out[0]  # for the projection model: text_embeds (the projected pooled output)
@@ -141,8 +182,13 @@ def load_noise_scheduler(model_cfg: Any):
     """The training noise schedule from the model's own scheduler config (DDPM form)."""
     from diffusers import DDPMScheduler
 
-    return _load(DDPMScheduler, resolve_model(model_cfg.pretrained), "noise scheduler",
-                 subfolder="scheduler", **{k: v for k, v in _common(model_cfg).items() if k == "revision"})
+    return _load(
+        DDPMScheduler,
+        resolve_model(model_cfg.pretrained),
+        "noise scheduler",
+        subfolder="scheduler",
+        **{k: v for k, v in _common(model_cfg).items() if k == "revision"},
+    )
 
 
 def latent_scale(vae: Any) -> tuple[int, float, float]:

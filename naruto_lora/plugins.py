@@ -75,8 +75,10 @@ def entry_point_plugins() -> dict[str, tuple[type, str]]:
         try:
             obj = ep.load()
         except Exception as exc:  # a broken third-party install must not look like our bug
-            raise UserError(f"Could not load plugin {origin}: {exc}.",
-                            hint="Reinstall or uninstall the package that provides it.") from exc
+            raise UserError(
+                f"Could not load plugin {origin}: {exc}.",
+                hint="Reinstall or uninstall the package that provides it.",
+            ) from exc
         cls = _check_plugin_class(obj, origin)
         found[cls.name] = (cls, origin)
     return found
@@ -87,8 +89,10 @@ def discover_plugins() -> dict[str, type]:
     plugins = builtin_plugins()
     for name, (cls, origin) in entry_point_plugins().items():
         if name in plugins and plugins[name] is not cls:
-            raise UserError(f"Plugin name '{name}' from {origin} clashes with an existing plugin.",
-                            hint="Rename the third-party plugin.")
+            raise UserError(
+                f"Plugin name '{name}' from {origin} clashes with an existing plugin.",
+                hint="Rename the third-party plugin.",
+            )
         plugins[name] = cls
     return plugins
 

@@ -132,7 +132,9 @@ class Profile:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
-    plugins: Mapping[str, PluginSettings] = field(default_factory=lambda: types.MappingProxyType({}))
+    plugins: Mapping[str, PluginSettings] = field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
 
     def enabled_plugins(self) -> list[str]:
         return [name for name, settings in self.plugins.items() if settings.enabled]
@@ -202,7 +204,9 @@ def _read_toml(path: Path | Any, label: str) -> dict[str, Any]:
         raise UserError(f"Profile {label} is not valid TOML: {exc}.", hint="Fix the file.") from exc
 
 
-def locate_profile(name_or_path: str, relative_to: Path | None = None) -> tuple[str, dict[str, Any], Path | None]:
+def locate_profile(
+    name_or_path: str, relative_to: Path | None = None
+) -> tuple[str, dict[str, Any], Path | None]:
     """Find a profile by shipped name or by file path; return (name, raw table, file path)."""
     candidate = Path(name_or_path).expanduser()
     if relative_to is not None and not candidate.is_absolute():
@@ -251,7 +255,9 @@ def resolve_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
         chain.append(raw)
         extends = raw.get("extends")
         if extends is not None and not isinstance(extends, str):
-            raise UserError(f"Profile '{found_name}': 'extends' must be a profile name or path string.")
+            raise UserError(
+                f"Profile '{found_name}': 'extends' must be a profile name or path string."
+            )
         current = extends
         relative_to = path.parent if path else None
     merged: dict[str, Any] = {}
@@ -269,7 +275,9 @@ def resolve_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
 def parse_set(assignment: str) -> tuple[list[str], Any]:
     """``key.path=value`` with the value parsed as TOML (bare words are taken as strings)."""
     if "=" not in assignment:
-        raise UserError(f"--set '{assignment}' needs the form key.path=value, e.g. train.max_steps=500.")
+        raise UserError(
+            f"--set '{assignment}' needs the form key.path=value, e.g. train.max_steps=500."
+        )
     key, _, text = assignment.partition("=")
     path = [part.strip() for part in key.strip().split(".")]
     if not all(path):
@@ -355,45 +363,106 @@ def build_dataclass(cls: type, table: Any, where: str) -> Any:
 
 def _validate_values(profile: Profile) -> None:
     checks = [
-        (profile.data.resolution >= 8 and profile.data.resolution % 8 == 0,
-         "data.resolution", profile.data.resolution, "a positive multiple of 8"),
+        (
+            profile.data.resolution >= 8 and profile.data.resolution % 8 == 0,
+            "data.resolution",
+            profile.data.resolution,
+            "a positive multiple of 8",
+        ),
         (profile.lora.rank >= 1, "lora.rank", profile.lora.rank, "at least 1"),
         (profile.lora.alpha > 0, "lora.alpha", profile.lora.alpha, "positive"),
-        (len(profile.lora.target_modules) > 0, "lora.target_modules", list(profile.lora.target_modules),
-         "a non-empty list"),
+        (
+            len(profile.lora.target_modules) > 0,
+            "lora.target_modules",
+            list(profile.lora.target_modules),
+            "a non-empty list",
+        ),
         (0.0 <= profile.lora.dropout < 1.0, "lora.dropout", profile.lora.dropout, "in [0, 1)"),
         (profile.train.batch_size >= 1, "train.batch_size", profile.train.batch_size, "at least 1"),
-        (profile.train.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps",
-         profile.train.gradient_accumulation_steps, "at least 1"),
+        (
+            profile.train.gradient_accumulation_steps >= 1,
+            "train.gradient_accumulation_steps",
+            profile.train.gradient_accumulation_steps,
+            "at least 1",
+        ),
         (profile.train.epochs >= 1, "train.epochs", profile.train.epochs, "at least 1"),
         (profile.train.max_steps >= 1, "train.max_steps", profile.train.max_steps, "at least 1"),
-        (profile.train.learning_rate > 0, "train.learning_rate", profile.train.learning_rate, "positive"),
-        (profile.train.lr_scheduler in LR_SCHEDULERS, "train.lr_scheduler", profile.train.lr_scheduler,
-         f"one of {', '.join(LR_SCHEDULERS)}"),
-        (profile.train.lr_warmup_steps >= 0, "train.lr_warmup_steps", profile.train.lr_warmup_steps,
-         "0 or more"),
-        (profile.train.max_grad_norm >= 0, "train.max_grad_norm", profile.train.max_grad_norm,
-         "0 (off) or more"),
-        (profile.train.checkpoint_every >= 0, "train.checkpoint_every", profile.train.checkpoint_every,
-         "0 (off) or more"),
-        (profile.train.checkpoints_keep >= 1, "train.checkpoints_keep", profile.train.checkpoints_keep,
-         "at least 1"),
-        (profile.train.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row",
-         profile.train.max_nonfinite_in_row, "at least 1"),
-        (profile.validation.every_steps >= 0, "validation.every_steps", profile.validation.every_steps,
-         "0 (off) or more"),
-        (profile.cache.shard_items >= 1, "cache.shard_items", profile.cache.shard_items, "at least 1"),
+        (
+            profile.train.learning_rate > 0,
+            "train.learning_rate",
+            profile.train.learning_rate,
+            "positive",
+        ),
+        (
+            profile.train.lr_scheduler in LR_SCHEDULERS,
+            "train.lr_scheduler",
+            profile.train.lr_scheduler,
+            f"one of {', '.join(LR_SCHEDULERS)}",
+        ),
+        (
+            profile.train.lr_warmup_steps >= 0,
+            "train.lr_warmup_steps",
+            profile.train.lr_warmup_steps,
+            "0 or more",
+        ),
+        (
+            profile.train.max_grad_norm >= 0,
+            "train.max_grad_norm",
+            profile.train.max_grad_norm,
+            "0 (off) or more",
+        ),
+        (
+            profile.train.checkpoint_every >= 0,
+            "train.checkpoint_every",
+            profile.train.checkpoint_every,
+            "0 (off) or more",
+        ),
+        (
+            profile.train.checkpoints_keep >= 1,
+            "train.checkpoints_keep",
+            profile.train.checkpoints_keep,
+            "at least 1",
+        ),
+        (
+            profile.train.max_nonfinite_in_row >= 1,
+            "train.max_nonfinite_in_row",
+            profile.train.max_nonfinite_in_row,
+            "at least 1",
+        ),
+        (
+            profile.validation.every_steps >= 0,
+            "validation.every_steps",
+            profile.validation.every_steps,
+            "0 (off) or more",
+        ),
+        (
+            profile.cache.shard_items >= 1,
+            "cache.shard_items",
+            profile.cache.shard_items,
+            "at least 1",
+        ),
         (profile.data.max_items >= 0, "data.max_items", profile.data.max_items, "0 (all) or more"),
-        (bool(profile.model.pretrained), "model.pretrained", profile.model.pretrained,
-         "a hub id or a local folder"),
-        (bool(profile.data.source), "data.source", profile.data.source, "a hub id or a local folder"),
+        (
+            bool(profile.model.pretrained),
+            "model.pretrained",
+            profile.model.pretrained,
+            "a hub id or a local folder",
+        ),
+        (
+            bool(profile.data.source),
+            "data.source",
+            profile.data.source,
+            "a hub id or a local folder",
+        ),
     ]
     for ok, key, value, expected in checks:
         if not ok:
             raise UserError(f"{key} = {value!r} is invalid: it must be {expected}.")
 
 
-def validate(name: str, raw: Mapping[str, Any], plugin_classes: Mapping[str, type] | None = None) -> Profile:
+def validate(
+    name: str, raw: Mapping[str, Any], plugin_classes: Mapping[str, type] | None = None
+) -> Profile:
     """Turn a merged raw table into a ``Profile``; every problem is a ``UserError``."""
     from naruto_lora.plugins import discover_plugins
 

@@ -38,11 +38,7 @@ def _bytes_to_unicode() -> list[str]:
 
 
 # A few whole words so captions tokenize to words rather than letters.
-_WORDS = (
-    "a an the of on in with and red green blue yellow orange black white purple pink "
-    "circle square triangle star ninja boy girl hair spiky blond style naruto drawing "
-    "picture small big large left right top bottom center background"
-).split()
+_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "red", "green", "blue", "yellow", "orange", "black", "white", "purple", "pink", "circle", "square", "triangle", "star", "ninja", "boy", "girl", "hair", "spiky", "blond", "style", "naruto", "drawing", "picture", "small", "big", "large", "left", "right", "top", "bottom", "center", "background"]
 
 
 def cache_root() -> Path:
@@ -85,26 +81,51 @@ def build_tiny_pipeline(seed: int = 0):
     import tempfile
 
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         vocab_size = write_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
-                                  model_max_length=77)
-        tokenizer_2 = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
-                                    pad_token="!", model_max_length=77)
+        tokenizer = CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77
+        )
+        tokenizer_2 = CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"),
+            str(Path(tmp) / "merges.txt"),
+            pad_token="!",
+            model_max_length=77,
+        )
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     bos = tokenizer.convert_tokens_to_ids("<|startoftext|>")
     torch.manual_seed(seed)
     text_cfg = dict(
-        bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, vocab_size=vocab_size,
-        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
-        max_position_embeddings=77, hidden_act="gelu", projection_dim=32, layer_norm_eps=1e-5,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=32,
+        layer_norm_eps=1e-5,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**text_cfg, "hidden_size": 48,
-                                                                   "projection_dim": 40}))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(**{**text_cfg, "hidden_size": 48, "projection_dim": 40})
+    )
     time_embed_dim = 8
     unet = UNet2DConditionModel(
         sample_size=32,
@@ -136,12 +157,23 @@ def build_tiny_pipeline(seed: int = 0):
         scaling_factor=0.5,
     )
     scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        steps_offset=1,
     )
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
     )
 
 
@@ -164,8 +196,12 @@ def ensure_tiny_model(root: Path | None = None) -> Path:
 
 
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
-    "orange": (245, 140, 20), "purple": (140, 60, 190),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "orange": (245, 140, 20),
+    "purple": (140, 60, 190),
 }
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("left", "center", "right")
@@ -186,7 +222,9 @@ def draw_scene(shape: str, colour: str, position: str, size: int = 64, backgroun
     elif shape == "square":
         draw.rectangle(box, fill=fill, outline=(0, 0, 0), width=2)
     else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill, outline=(0, 0, 0))
+        draw.polygon(
+            [(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill, outline=(0, 0, 0)
+        )
     return image
 
 
@@ -209,7 +247,11 @@ def write_tiny_dataset(folder: Path, count: int = 36, size: int = 64, seed: int 
             image = image.resize((size, size + size // 4))  # taller
         name = f"{i:04d}.png"
         image.save(folder / name)
-        lines.append(json.dumps({"file_name": name, "text": f"a {colour} {shape} on the {position}, naruto style"}))
+        lines.append(
+            json.dumps(
+                {"file_name": name, "text": f"a {colour} {shape} on the {position}, naruto style"}
+            )
+        )
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
 

@@ -28,7 +28,9 @@ class EMAConfig:
 class EMA(Plugin):
     name = "ema"
     Config = EMAConfig
-    description = "Exponential moving average of the LoRA weights; used for validation and saved beside them."
+    description = (
+        "Exponential moving average of the LoRA weights; used for validation and saved beside them."
+    )
 
 
 PLUGIN = EMA

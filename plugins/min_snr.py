@@ -29,7 +29,9 @@ class MinSNRConfig:
 
     def validate(self) -> None:
         if not self.gamma > 0:
-            raise UserError(f"plugins.min_snr.gamma = {self.gamma!r} must be positive (the paper uses 5).")
+            raise UserError(
+                f"plugins.min_snr.gamma = {self.gamma!r} must be positive (the paper uses 5)."
+            )
 
 
 def snr_from_alphas_cumprod(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -42,8 +44,9 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
     clipped = torch.clamp(snr, max=gamma)
     if prediction_type == "epsilon":
         # min(SNR, g) / SNR rewritten so SNR = 0 gives its limit, 1, and SNR = inf gives 0.
-        return torch.where(snr > 0, clipped / torch.where(snr > 0, snr, torch.ones_like(snr)),
-                           torch.ones_like(snr))
+        return torch.where(
+            snr > 0, clipped / torch.where(snr > 0, snr, torch.ones_like(snr)), torch.ones_like(snr)
+        )
     if prediction_type == "v_prediction":
         return clipped / (snr + 1.0)
     raise UserError(

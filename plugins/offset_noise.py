@@ -22,20 +22,30 @@ class OffsetNoiseConfig:
 
     def validate(self) -> None:
         if not 0 <= self.strength <= 1:
-            raise UserError(f"plugins.offset_noise.strength = {self.strength!r} must be in [0, 1] (0.1 is usual).")
+            raise UserError(
+                f"plugins.offset_noise.strength = {self.strength!r} must be in [0, 1] (0.1 is usual)."
+            )
 
 
-def offset_noise(latents: torch.Tensor, strength: float, generator: torch.Generator | None) -> torch.Tensor:
+def offset_noise(
+    latents: torch.Tensor, strength: float, generator: torch.Generator | None
+) -> torch.Tensor:
     b, c = latents.shape[:2]
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    offset = torch.randn((b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+    noise = torch.randn(
+        latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+    )
+    offset = torch.randn(
+        (b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
+    )
     return noise + strength * offset
 
 
 class OffsetNoise(Plugin):
     name = "offset_noise"
     Config = OffsetNoiseConfig
-    description = "Adds a per-channel constant to the noise so the model can learn overall brightness."
+    description = (
+        "Adds a per-channel constant to the noise so the model can learn overall brightness."
+    )
 
     @hookimpl
     def nlora_sample_noise(self, state, latents: torch.Tensor, generator) -> torch.Tensor:

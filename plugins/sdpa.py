@@ -31,14 +31,18 @@ def sdpa_backends() -> dict[str, bool]:
 class SDPA(Plugin):
     name = "sdpa"
     Config = SDPAConfig
-    description = "Fused scaled-dot-product attention (flash / memory-efficient kernels), or xformers."
+    description = (
+        "Fused scaled-dot-product attention (flash / memory-efficient kernels), or xformers."
+    )
 
     @hookimpl
     def nlora_prepare_unet(self, unet, profile, training: bool) -> None:
         if self.config.backend == "xformers":
             if importlib.util.find_spec("xformers") is None:
-                raise UserError("plugins.sdpa.backend = 'xformers' but xformers is not installed.",
-                                hint="pip install xformers, or set plugins.sdpa.backend = 'sdpa'.")
+                raise UserError(
+                    "plugins.sdpa.backend = 'xformers' but xformers is not installed.",
+                    hint="pip install xformers, or set plugins.sdpa.backend = 'sdpa'.",
+                )
             unet.enable_xformers_memory_efficient_attention()
             return
         from diffusers.models.attention_processor import AttnProcessor2_0
@@ -51,8 +55,13 @@ class SDPA(Plugin):
 
         backends = sdpa_backends()
         kernels = ", ".join(k for k, on in backends.items() if on)
-        return [{"check": "attention (sdpa plugin)", "status": "ok",
-                 "detail": f"backend {self.config.backend}; torch {torch.__version__} SDPA kernels: {kernels}"}]
+        return [
+            {
+                "check": "attention (sdpa plugin)",
+                "status": "ok",
+                "detail": f"backend {self.config.backend}; torch {torch.__version__} SDPA kernels: {kernels}",
+            }
+        ]
 
 
 PLUGIN = SDPA

@@ -65,15 +65,40 @@ class GuardedCommand(click.Command):
 def profile_options(func: Callable) -> Callable:
     """--profile, --set, --enable/--disable and the shorthands, for every phase command."""
     options = [
-        click.option("--profile", "-p", "profile_name", default="14gb", show_default=True,
-                     help="Built-in profile name (14gb, 12gb, 8gb, tiny, ...) or a path to a .toml file."),
-        click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
-                     help="Override one profile key; the value is parsed as TOML. Repeatable."),
-        click.option("--enable", multiple=True, metavar="PLUGIN", help="Turn a plugin on. Repeatable."),
-        click.option("--disable", multiple=True, metavar="PLUGIN", help="Turn a plugin off. Repeatable."),
-        click.option("--model", default=None, help="Base model: hub id or local diffusers folder (model.pretrained)."),
-        click.option("--vae", default=None, help="VAE: hub id or local folder; '' = the model's own (model.vae)."),
-        click.option("--data", default=None, help="Data set: hub id or local folder (data.source)."),
+        click.option(
+            "--profile",
+            "-p",
+            "profile_name",
+            default="14gb",
+            show_default=True,
+            help="Built-in profile name (14gb, 12gb, 8gb, tiny, ...) or a path to a .toml file.",
+        ),
+        click.option(
+            "--set",
+            "overrides",
+            multiple=True,
+            metavar="KEY.PATH=VALUE",
+            help="Override one profile key; the value is parsed as TOML. Repeatable.",
+        ),
+        click.option(
+            "--enable", multiple=True, metavar="PLUGIN", help="Turn a plugin on. Repeatable."
+        ),
+        click.option(
+            "--disable", multiple=True, metavar="PLUGIN", help="Turn a plugin off. Repeatable."
+        ),
+        click.option(
+            "--model",
+            default=None,
+            help="Base model: hub id or local diffusers folder (model.pretrained).",
+        ),
+        click.option(
+            "--vae",
+            default=None,
+            help="VAE: hub id or local folder; '' = the model's own (model.vae).",
+        ),
+        click.option(
+            "--data", default=None, help="Data set: hub id or local folder (data.source)."
+        ),
         click.option("--output", default=None, help="Training output folder (train.output_dir)."),
         click.option("--cache-dir", default=None, help="Cache folder (cache.dir)."),
     ]
@@ -99,4 +124,3 @@ def load_profile_from_options(kwargs: dict[str, Any]):
         enable=kwargs.pop("enable", ()),
         disable=kwargs.pop("disable", ()),
     )
-

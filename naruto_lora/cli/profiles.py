@@ -23,20 +23,36 @@ def register(cli: click.Group) -> None:
         table = Table("profile", "resolution", "rank", "accum", "text", "plugins", "description")
         for name in builtin_profile_names():
             p = load_profile(name)
-            table.add_row(name, str(p.data.resolution), str(p.lora.rank),
-                          str(p.train.gradient_accumulation_steps), p.cache.text,
-                          ", ".join(p.enabled_plugins()) or "-", p.description)
+            table.add_row(
+                name,
+                str(p.data.resolution),
+                str(p.lora.rank),
+                str(p.train.gradient_accumulation_steps),
+                p.cache.text,
+                ", ".join(p.enabled_plugins()) or "-",
+                p.description,
+            )
         console.print(table)
 
     @profiles.command("show", cls=GuardedCommand)
     @click.argument("name")
-    @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
-                  help="Override one key (value parsed as TOML). Repeatable.")
+    @click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY.PATH=VALUE",
+        help="Override one key (value parsed as TOML). Repeatable.",
+    )
     @click.option("--enable", multiple=True, metavar="PLUGIN", help="Turn a plugin on.")
     @click.option("--disable", multiple=True, metavar="PLUGIN", help="Turn a plugin off.")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of TOML.")
-    def show(name: str, overrides: tuple[str, ...], enable: tuple[str, ...], disable: tuple[str, ...],
-             as_json: bool) -> None:
+    def show(
+        name: str,
+        overrides: tuple[str, ...],
+        enable: tuple[str, ...],
+        disable: tuple[str, ...],
+        as_json: bool,
+    ) -> None:
         """Print profile NAME (a built-in name or a .toml path) fully resolved: extends merged,
         defaults filled in, overrides applied."""
         from naruto_lora.profile import load_profile
