@@ -7,7 +7,7 @@ import sys
 import click
 
 from naruto_lora import __version__
-from naruto_lora.cli import cache, doctor, export, plan, plugins_cmd, profiles, sample, train
+from naruto_lora.cli import cache, demo, doctor, export, plan, plugins_cmd, profiles, sample, train
 from naruto_lora.cli.common import run_guarded
 
 
@@ -33,7 +33,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-for module in (doctor, cache, train, sample, export, profiles, plugins_cmd, plan):
+for module in (doctor, cache, train, sample, export, demo, profiles, plugins_cmd, plan):
     module.register(cli)
 
 
