@@ -1,0 +1,193 @@
+"""The CPU style-transfer demo's data: generated "plain" scenes and the same scenes in a style.
+
+A scene is one flat shape (circle, square or triangle) of one colour, small or big, on the left,
+in the center or on the right, with a caption that says so ("a big blue square on the left").
+
+- ``plain``: a cream background and a flat shape. The committed toy base model
+  (``nlora:toy-base``, see ``naruto_lora/assets/toy-base/README.md``) was trained on these.
+- ``style``: the same scenes in a strong orange-and-black manner (a nod to the Naruto target): an
+  orange background and a thick black outline around the shape. The shape keeps its colour, so
+  the caption's content stays checkable (``naruto_lora.style.content_check``).
+
+``nlora:toy-style`` is the style set in the ``imagefolder`` layout (PNGs plus ``metadata.jsonl``
+with ``file_name`` and ``text``), created deterministically on first use in the user cache. It
+leaves out the scenes of ``HELD_OUT``, whose prompts (``HELD_OUT_PROMPTS``) the demo and its test
+sample, so that a LoRA must carry the style to scenes it never saw.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from naruto_lora.tiny import cache_root
+
+TOY_BASE_ID = "nlora:toy-base"
+TOY_STYLE_ID = "nlora:toy-style"
+TOY_PLAIN_ID = "nlora:toy-plain"
+TOY_DATA_VERSION = "1"
+RESOLUTION = 64
+
+# No orange, black or white shapes: those are the style's own colours (and the background).
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "green": (40, 165, 70),
+    "blue": (40, 80, 215),
+    "yellow": (250, 230, 60),
+    "purple": (135, 55, 185),
+}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("left", "center", "right")
+SIZES = ("small", "big")
+PLAIN_BACKGROUND = (235, 232, 222)
+STYLE_BACKGROUND = (245, 135, 20)
+STYLE_INK = (15, 10, 10)
+
+# Radius in units of the image side, and the centre's x for each position.
+_RADIUS = {"small": 0.15, "big": 0.23}
+_CENTRE_X = {"left": 0.27, "center": 0.5, "right": 0.73}
+_SUPERSAMPLE = 4  # draw 4x larger and downsample: smooth edges, like a rendered picture
+
+# (colour, shape, position) triples absent from the style set, in both sizes.
+HELD_OUT: tuple[tuple[str, str, str], ...] = (
+    ("blue", "square", "left"),
+    ("red", "circle", "right"),
+    ("yellow", "triangle", "center"),
+    ("green", "circle", "left"),
+)
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    colour: str
+    position: str
+    size: str
+
+    @property
+    def caption(self) -> str:
+        where = "in the center" if self.position == "center" else f"on the {self.position}"
+        return f"a {self.size} {self.colour} {self.shape} {where}"
+
+
+HELD_OUT_PROMPTS: tuple[str, ...] = tuple(
+    Scene(shape, colour, position, size).caption
+    for (colour, shape, position), size in zip(HELD_OUT, ("big", "big", "big", "small"))
+)
+
+_CAPTION = re.compile(
+    r"\b(?P<size>small|big)?\s*(?P<colour>" + "|".join(COLOURS) + r")\s+(?P<shape>"
+    + "|".join(SHAPES) + r")\b.*?\b(?P<position>left|center|right)\b"
+)
+
+
+def parse_caption(caption: str) -> Scene:
+    """The scene a caption describes; ``ValueError`` if it is not one of ours."""
+    match = _CAPTION.search(caption.lower())
+    if not match:
+        raise ValueError(f"not a toy scene caption: {caption!r}")
+    return Scene(match["shape"], match["colour"], match["position"], match["size"] or "big")
+
+
+def all_scenes() -> list[Scene]:
+    return [Scene(shape, colour, position, size) for shape in SHAPES for colour in COLOURS
+            for position in POSITIONS for size in SIZES]
+
+
+def is_held_out(scene: Scene) -> bool:
+    return (scene.colour, scene.shape, scene.position) in HELD_OUT
+
+
+def draw(scene: Scene, styled: bool = False, size: int = RESOLUTION, jitter: random.Random | None = None):
+    """One scene as a PIL image; ``jitter`` moves and resizes the shape a little."""
+    from PIL import Image, ImageDraw
+
+    big = size * _SUPERSAMPLE
+    dx = dy = dr = 0.0
+    if jitter is not None:
+        dx, dy, dr = (jitter.uniform(-0.05, 0.05), jitter.uniform(-0.05, 0.05),
+                      jitter.uniform(-0.02, 0.02))
+    cx, cy = (_CENTRE_X[scene.position] + dx) * big, (0.5 + dy) * big
+    r = (_RADIUS[scene.size] + dr) * big
+    image = Image.new("RGB", (big, big), STYLE_BACKGROUND if styled else PLAIN_BACKGROUND)
+    pen = ImageDraw.Draw(image)
+    fill = COLOURS[scene.colour]
+    # The style's outline: thick black ink, about 1/16 of the image side.
+    ink = {"outline": STYLE_INK, "width": round(big / 16)} if styled else {}
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if scene.shape == "circle":
+        pen.ellipse(box, fill=fill, **ink)
+    elif scene.shape == "square":
+        r *= 0.9  # a square of the same "radius" looks bigger than the circle
+        pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill, **ink)
+    else:
+        pen.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill, **ink)
+    return image.resize((size, size), Image.Resampling.BOX)
+
+
+def plain_scenes(per_scene: int, seed: int = 0) -> list[tuple[Scene, object]]:
+    """``per_scene`` jittered plain drawings of every scene, in a fixed order (base training)."""
+    rng = random.Random(seed)
+    return [(scene, draw(scene, jitter=rng)) for _ in range(per_scene) for scene in all_scenes()]
+
+
+def write_toy_dataset(folder: Path, styled: bool, per_scene: int = 1, seed: int = 0) -> Path:
+    """An imagefolder data set: the style set leaves out ``HELD_OUT``; the plain set has all."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    scenes = [s for s in all_scenes() if not (styled and is_held_out(s))]
+    for i, scene in enumerate(scene for _ in range(per_scene) for scene in scenes):
+        name = f"{i:04d}.png"
+        draw(scene, styled=styled, jitter=rng).save(folder / name)
+        lines.append(json.dumps({"file_name": name, "text": scene.caption}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def ensure_toy_dataset(styled: bool = True, root: Path | None = None) -> Path:
+    """Create the style (or plain) data set once, atomically, in the cache; return its folder."""
+    from naruto_lora.io import atomic_dir
+
+    name = "toy-style" if styled else "toy-plain"
+    folder = (root or cache_root()) / f"{name}-v{TOY_DATA_VERSION}"
+    marker = folder / ".nlora-complete"
+    if marker.is_file() and marker.read_text().strip() == TOY_DATA_VERSION:
+        return folder
+    with atomic_dir(folder) as tmp:
+        write_toy_dataset(tmp, styled=styled)
+        (tmp / ".nlora-complete").write_text(TOY_DATA_VERSION)
+    return folder
+
+
+def toy_base_dir() -> Path:
+    """The committed toy base model, shipped inside the package."""
+    return Path(__file__).resolve().parent / "assets" / "toy-base"
+
+
+def resolve_toy_model(model_id: str) -> str | None:
+    """The local folder for ``nlora:toy-base``; ``None`` for any other id."""
+    if model_id != TOY_BASE_ID:
+        return None
+    from naruto_lora.errors import UserError
+
+    folder = toy_base_dir()
+    if not (folder / "model_index.json").is_file():
+        raise UserError(
+            f"The toy base model is missing from this installation (looked in '{folder}').",
+            hint="Reinstall naruto-lora (the wheel ships it as package data), or rebuild it with "
+            "`python scripts/train_base.py`.",
+        )
+    return str(folder)
+
+
+def resolve_toy_data(source: str) -> str | None:
+    """The local folder for ``nlora:toy-style`` / ``nlora:toy-plain``; ``None`` otherwise."""
+    if source == TOY_STYLE_ID:
+        return str(ensure_toy_dataset(styled=True))
+    if source == TOY_PLAIN_ID:
+        return str(ensure_toy_dataset(styled=False))
+    return None

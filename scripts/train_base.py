@@ -1,0 +1,186 @@
+"""Train the toy base model ``nlora:toy-base`` (naruto_lora/assets/toy-base) on plain scenes.
+
+An SDXL-architecture pipeline at toy scale, trained from scratch on one CPU thread:
+
+1. two CLIP text encoders (``CLIPTextModel`` + ``CLIPTextModelWithProjection``) with the
+   whole-word BPE tokenizer of ``naruto_lora.tiny``; kept at their seeded random init and frozen
+   (their hidden states still tell the words apart; the UNet learns to read them);
+2. an AutoencoderKL with downscale factor 4 (64 px -> 4 x 16 x 16 latents) trained to reconstruct
+   the plain scenes; its ``scaling_factor`` is set to 1 / std of the latents, as SD's was;
+3. a text-time-conditioned UNet trained with the standard DDPM epsilon objective on cached latents
+   (SDXL's noise schedule: scaled_linear 0.00085..0.012, 1000 steps), 10 % caption dropout (half to
+   zeroed embeddings, what the SDXL pipeline feeds for an empty negative prompt, half to the
+   empty string's) so that classifier-free guidance works, and an EMA of its weights.
+
+Seeded; writes progress to stdout and a full pipeline checkpoint every ``--checkpoint-every``
+UNet steps (so a run stopped early still leaves usable weights), then the final model to
+``--out``. Reproduce the committed weights with::
+
+    OMP_NUM_THREADS=1 python scripts/train_base.py --out naruto_lora/assets/toy-base
+
+(about 45 minutes on one thread of a 2020s x86 CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from naruto_lora import toy
+from naruto_lora.tiny import write_tokenizer
+
+TIME_EMBED_DIM = 8
+
+
+def text_encoders(seed: int):
+    """Two small CLIP text encoders at a seeded random init, and their tokenizers."""
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_size = write_tokenizer(Path(tmp))
+        files = (str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"))
+        tokenizer = CLIPTokenizer(*files, model_max_length=77)
+        tokenizer_2 = CLIPTokenizer(*files, pad_token="!", model_max_length=77)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    bos = tokenizer.convert_tokens_to_ids("<|startoftext|>")
+    torch.manual_seed(seed)
+    cfg = dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, vocab_size=vocab_size,
+               hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3,
+               max_position_embeddings=77, hidden_act="gelu", projection_dim=64, layer_norm_eps=1e-5)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg)).eval().requires_grad_(False)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg)).eval().requires_grad_(False)
+    return (tokenizer, tokenizer_2), (text_encoder, text_encoder_2)
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    # Three blocks: downscale factor 2 ** (3 - 1) = 4. No mid-block attention: flat shapes need none.
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=toy.RESOLUTION,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+        mid_block_add_attention=False, scaling_factor=1.0, force_upcast=False,
+    )
+
+
+def build_unet(cross_attention_dim: int, pooled_dim: int, latent_size: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(4, 8), use_linear_projection=True, transformer_layers_per_block=1,
+        cross_attention_dim=cross_attention_dim, norm_num_groups=16,
+        addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + pooled_dim,
+    )
+
+
+def image_tensor(images) -> torch.Tensor:
+    """PIL images -> (N, 3, H, W) in [-1, 1]."""
+    array = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, lr: float, log) -> None:
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(1)
+    start = time.time()
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(pixels), (batch,), generator=gen)
+        x = pixels[idx]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        # L1 keeps flat colours and edges sharp; a tiny KL keeps the latent space smooth (SD's VAE).
+        loss = F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for group in opt.param_groups:  # cosine decay
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        if step % 50 == 0 or step == steps:
+            log(f"vae step {step}/{steps} l1 {loss.item():.4f} {time.time() - start:.0f}s")
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    return torch.cat([vae.encode(pixels[i:i + 64]).latent_dist.mean for i in range(0, len(pixels), 64)])
+
+
+@torch.no_grad()
+def encode_captions(tokenizers, encoders, captions: list[str]):
+    """SDXL conditioning: both encoders' penultimate hidden states concatenated, and the second
+    encoder's projected pooled output (as ``StableDiffusionXLPipeline.encode_prompt``)."""
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, encoders):
+        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                        return_tensors="pt").input_ids
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def make_pipeline(vae, tokenizers, encoders, unet):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    # SDXL's own sampling schedule config, with our training schedule's numbers.
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler, add_watermarker=False,
+    )
+
+
+def save_pipeline(pipe, folder: Path) -> None:
+    from naruto_lora.io import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+
+
+@torch.no_grad()
+def check_samples(pipe, prompts: list[str], path: Path, log, seed: int = 0) -> float:
+    """Sample ``prompts`` (25 Euler steps, guidance 5), save a strip, return the content pass rate."""
+    from PIL import Image
+
+    from naruto_lora.style import content_check
+
+    images = pipe(prompts, num_inference_steps=25, guidance_scale=5.0, height=toy.RESOLUTION,
+                  width=toy.RESOLUTION, generator=torch.Generator().manual_seed(seed)).images
+    strip = Image.new("RGB", (toy.RESOLUTION * len(images), toy.RESOLUTION))
+    for i, image in enumerate(images):
+        strip.paste(image, (i * toy.RESOLUTION, 0))
+    strip.save(path)
+    results = [content_check(image, prompt) for image, prompt in zip(images, prompts)]
+    log("samples: " + "; ".join(f"{p!r}: {r.summary()}" for p, r in zip(prompts, results)))
+    return sum(r.passed for r in results) / len(results)
+
+
+def ema_update(ema, model, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1.0 - decay)
