@@ -28,18 +28,21 @@ PROJECT = "nlora"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-# The documented lifecycle order; a test checks the training loop calls hooks in this order.
+# The documented lifecycle order (of each hook's first call); a test checks the training loop
+# calls hooks in this order. nlora_load_checkpoint_state only runs on --resume; within a step,
+# validation samples come before the checkpoint; nlora_lora_weights_to_save runs at every
+# checkpoint and once more after nlora_train_end.
 LIFECYCLE = (
     "nlora_doctor_checks",
     "nlora_prepare_unet",
     "nlora_train_start",
+    "nlora_load_checkpoint_state",
     "nlora_sample_noise",
     "nlora_sample_timesteps",
     "nlora_loss_weights",
     "nlora_after_optimizer_step",
     "nlora_validation_weights",
     "nlora_checkpoint_state",
-    "nlora_load_checkpoint_state",
     "nlora_lora_weights_to_save",
     "nlora_train_end",
 )
@@ -64,6 +67,13 @@ def nlora_prepare_unet(unet: torch.nn.Module, profile: Profile, training: bool) 
 def nlora_train_start(state: TrainState) -> None:
     """Everyone contributes: the models, optimizer and data are ready; step 0 follows
     (or the resumed step). Create plugin state here (e.g. EMA shadow weights)."""
+
+
+@hookspec
+def nlora_load_checkpoint_state(state: TrainState, saved: dict[str, Any]) -> None:
+    """Everyone contributes: on ``--resume``, right after ``nlora_train_start``, restore what
+    ``nlora_checkpoint_state`` saved (``saved`` holds all plugins' keys; a key a plugin does not
+    find was saved by a run without it)."""
 
 
 @hookspec(firstresult=True)
@@ -103,11 +113,6 @@ def nlora_validation_weights(state: TrainState) -> None:
 def nlora_checkpoint_state(state: TrainState) -> dict[str, Any] | None:
     """Everyone contributes: extra state to save in a checkpoint, as ``{key: tensor-dict or
     plain data}``; keys must be unique across plugins (use the plugin name)."""
-
-
-@hookspec
-def nlora_load_checkpoint_state(state: TrainState, saved: dict[str, Any]) -> None:
-    """Everyone contributes: restore what ``nlora_checkpoint_state`` saved (all plugins' keys)."""
 
 
 @hookspec(firstresult=True)

@@ -14,14 +14,19 @@ import torch
 
 from naruto_lora.errors import UserError
 from naruto_lora.tiny import TINY_DATA_ID, TINY_MODEL_ID, ensure_tiny_dataset, ensure_tiny_model
+from naruto_lora.toy import resolve_toy_data, resolve_toy_model
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_model(model_id: str) -> str:
-    """A local folder path or a hub id; ``nlora:tiny`` is built on first use."""
+    """A local folder path or a hub id; ``nlora:tiny`` is built on first use, ``nlora:toy-base``
+    is the committed demo base (package data)."""
     if model_id == TINY_MODEL_ID:
         return str(ensure_tiny_model())
+    toy = resolve_toy_model(model_id)  # nlora:toy-base, the committed demo base
+    if toy is not None:
+        return toy
     path = Path(model_id).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file() and not (path / "config.json").is_file():
@@ -38,7 +43,8 @@ def resolve_model(model_id: str) -> str:
 def resolve_data(source: str) -> str:
     if source == TINY_DATA_ID:
         return str(ensure_tiny_dataset())
-    return source
+    toy = resolve_toy_data(source)  # nlora:toy-style / nlora:toy-plain, generated on first use
+    return source if toy is None else toy
 
 
 def _load(loader: Any, model_id: str, what: str, **kwargs: Any) -> Any:
@@ -51,7 +57,7 @@ def _load(loader: Any, model_id: str, what: str, **kwargs: Any) -> Any:
         raise UserError(
             f"Could not load the {what} from {where}: {str(exc).splitlines()[0]}",
             hint="Check the id or path; for a hub id you need network access or a filled hub cache "
-            "(unset HF_HUB_OFFLINE, or run `huggingface-cli download ID` once). "
+            "(unset HF_HUB_OFFLINE, or run `hf download ID` once). "
             "`nlora doctor` shows what is available.",
         ) from exc
 

@@ -47,7 +47,7 @@ STYLE_BACKGROUND = (245, 135, 20)
 STYLE_INK = (15, 10, 10)
 
 # Radius in units of the image side, and the centre's x for each position.
-_RADIUS = {"small": 0.15, "big": 0.23}
+_RADIUS = {"small": 0.16, "big": 0.24}
 _CENTRE_X = {"left": 0.27, "center": 0.5, "right": 0.73}
 _SUPERSAMPLE = 4  # draw 4x larger and downsample: smooth edges, like a rendered picture
 
@@ -115,8 +115,8 @@ def draw(scene: Scene, styled: bool = False, size: int = RESOLUTION, jitter: ran
     image = Image.new("RGB", (big, big), STYLE_BACKGROUND if styled else PLAIN_BACKGROUND)
     pen = ImageDraw.Draw(image)
     fill = COLOURS[scene.colour]
-    # The style's outline: thick black ink, about 1/16 of the image side.
-    ink = {"outline": STYLE_INK, "width": round(big / 16)} if styled else {}
+    # The style's outline: thick black ink, 1/20 of the image side (3 px at 64 px).
+    ink = {"outline": STYLE_INK, "width": round(big / 20)} if styled else {}
     box = (cx - r, cy - r, cx + r, cy + r)
     if scene.shape == "circle":
         pen.ellipse(box, fill=fill, **ink)
@@ -124,6 +124,7 @@ def draw(scene: Scene, styled: bool = False, size: int = RESOLUTION, jitter: ran
         r *= 0.9  # a square of the same "radius" looks bigger than the circle
         pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill, **ink)
     else:
+        r *= 1.15  # and a triangle looks smaller
         pen.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill, **ink)
     return image.resize((size, size), Image.Resampling.BOX)
 

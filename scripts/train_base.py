@@ -184,3 +184,127 @@ def ema_update(ema, model, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
             e.lerp_(p, 1.0 - decay)
+
+
+def train_unet(unet, latents, caption_idx, embeds, pooled, args, on_checkpoint, log) -> object:
+    """DDPM epsilon training on cached latents; returns the EMA copy of the UNet."""
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                    beta_schedule="scaled_linear", prediction_type="epsilon")
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(2)
+    res = toy.RESOLUTION
+    time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32)
+    zeros_embeds, zeros_pooled = torch.zeros_like(embeds[0]), torch.zeros_like(pooled[0])
+    empty = len(embeds) - 1  # the last cached caption is the empty string
+    start, step = time.time(), 0
+    while step < args.unet_steps and time.time() - start < args.max_unet_minutes * 60:
+        step += 1
+        idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
+        x0 = latents[idx]
+        cap = caption_idx[idx].clone()
+        drop = torch.rand(args.batch, generator=gen)
+        cap[drop < 0.05] = empty  # caption dropout, half to "" ...
+        ctx, pool = embeds[cap].clone(), pooled[cap].clone()
+        zeroed = (drop >= 0.05) & (drop < 0.10)  # ... half to zeros (SDXL's empty negative)
+        ctx[zeroed], pool[zeroed] = zeros_embeds, zeros_pooled
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (args.batch,), generator=gen)
+        noisy = noise_scheduler.add_noise(x0, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=ctx, added_cond_kwargs={
+            "text_embeds": pool, "time_ids": time_ids.expand(args.batch, -1)}).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        warm = min(1.0, step / 200)
+        for group in opt.param_groups:
+            group["lr"] = args.unet_lr * warm * (0.55 + 0.45 * math.cos(math.pi * step / args.unet_steps))
+        ema_update(ema, unet, min(args.ema_decay, (1 + step) / (10 + step)))
+        if step % 25 == 0:
+            log(f"unet step {step}/{args.unet_steps} loss {loss.item():.4f} "
+                f"{time.time() - start:.0f}s")
+        if step % args.checkpoint_every == 0:
+            on_checkpoint(ema, step)
+    return ema
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("naruto_lora/assets/toy-base"))
+    parser.add_argument("--work", type=Path, default=Path("nlora-output/toy-base-work"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-scene", type=int, default=12, help="plain drawings per scene")
+    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-lr", type=float, default=2e-3)
+    parser.add_argument("--unet-steps", type=int, default=2500)
+    parser.add_argument("--unet-lr", type=float, default=6e-4)
+    parser.add_argument("--max-unet-minutes", type=float, default=40.0)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--ema-decay", type=float, default=0.998)
+    parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=1)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)  # the reference run: one thread of a shared 2-core CPU
+    torch.manual_seed(args.seed)
+    args.work.mkdir(parents=True, exist_ok=True)
+    log_file = (args.work / "train.log").open("a")
+
+    def log(message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    scenes = toy.plain_scenes(args.per_scene, seed=args.seed)
+    pixels = image_tensor([image for _, image in scenes])
+    captions = sorted({scene.caption for scene, _ in scenes}) + [""]
+    caption_idx = torch.tensor([captions.index(scene.caption) for scene, _ in scenes])
+    log(f"{len(scenes)} plain images, {len(captions) - 1} captions; args {vars(args)}")
+
+    tokenizers, encoders = text_encoders(args.seed)
+    torch.manual_seed(args.seed + 1)
+    vae = build_vae()
+    train_vae(vae, pixels, args.vae_steps, args.vae_batch, args.vae_lr, log)
+    raw = encode_latents(vae, pixels)
+    # As Stable Diffusion: scale latents to unit variance so the noise schedule fits them.
+    vae.register_to_config(scaling_factor=round(1.0 / raw.std().item(), 4))
+    latents = raw * vae.config.scaling_factor
+    with torch.no_grad():
+        recon = vae.decode(raw[:64]).sample
+    log(f"vae recon l1 {F.l1_loss(recon, pixels[:64]).item():.4f}; "
+        f"scaling_factor {vae.config.scaling_factor}; latents {tuple(latents.shape)}")
+
+    embeds, pooled = encode_captions(tokenizers, encoders, captions)
+    torch.manual_seed(args.seed + 2)
+    unet = build_unet(embeds.shape[-1], pooled.shape[-1], latents.shape[-1])
+    log(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params, "
+        f"vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M")
+    prompts = list(toy.HELD_OUT_PROMPTS) + ["a small purple square on the right",
+                                            "a big green triangle on the left"]
+
+    def on_checkpoint(ema, step: int) -> None:
+        pipe = make_pipeline(vae, tokenizers, encoders, ema)
+        save_pipeline(pipe, args.work / "checkpoint")
+        rate = check_samples(pipe, prompts, args.work / f"samples-{step:05d}.png", log)
+        log(f"checkpoint at unet step {step}: content pass rate {rate:.2f}")
+
+    ema = train_unet(unet, latents, caption_idx, embeds, pooled, args, on_checkpoint, log)
+    pipe = make_pipeline(vae, tokenizers, encoders, ema)
+    save_pipeline(pipe, args.out)
+    rate = check_samples(pipe, prompts, args.work / "samples-final.png", log)
+    log(f"saved {args.out}; final content pass rate {rate:.2f}")
+    shutil.copy(args.work / "train.log", args.work / "train-final.log")
+    (args.work / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}))
+
+
+if __name__ == "__main__":
+    main()

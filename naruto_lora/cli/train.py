@@ -1,9 +1,96 @@
-"""`nlora train` (being built)."""
+"""``nlora train``: train the UNet LoRA of a profile."""
 
 from __future__ import annotations
 
+import shlex
+import signal
+from typing import Any
+
 import click
+
+from naruto_lora.cli.common import GuardedCommand, load_profile_from_options, profile_options
+
+
+def _resume_command(profile: Any) -> str:
+    args = ["nlora", "train", "--profile", profile.name, "--output", profile.train.output_dir]
+    return " ".join(shlex.quote(a) for a in args) + " --resume latest"
+
+
+def _report_interrupted(result: Any, profile: Any) -> int:
+    from naruto_lora.console import err_console
+
+    err_console.print(
+        f"[yellow]Stopped by {result.interrupted} at step {result.global_step} "
+        f"(epoch {result.epoch + 1}); checkpoint: {result.checkpoint}.[/]\n"
+        f"Resume with the same command plus --resume latest, e.g.\n  {_resume_command(profile)}\n"
+        "(repeat any --set / --enable / --disable options you gave).",
+        soft_wrap=True,
+    )
+    signum = (
+        signal.Signals[result.interrupted]
+        if result.interrupted in signal.Signals.__members__
+        else signal.SIGINT
+    )
+    return 128 + int(signum)  # the shell's convention for "ended by signal N"
+
+
+def _report_finished(result: Any) -> None:
+    from naruto_lora.console import console
+
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+    console.print(
+        f"[green]Trained {result.global_step} steps[/] (smoothed loss {loss}). "
+        f"Weights: {', '.join(str(p) for p in result.weights)}; "
+        f"model card: {result.output_dir / 'README.md'}; loss curve: {result.output_dir / 'loss.png'}.",
+        soft_wrap=True,
+    )
 
 
 def register(cli: click.Group) -> None:
-    pass
+    @cli.command("train", cls=GuardedCommand)
+    @profile_options
+    @click.option(
+        "--resume",
+        default=None,
+        metavar="latest|PATH",
+        help="Continue exactly from the newest checkpoint of the output folder, or from PATH.",
+    )
+    @click.option(
+        "--no-auto-cache",
+        is_flag=True,
+        help="Fail if a cache is missing or stale instead of building it first.",
+    )
+    @click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        help="auto, cpu, cuda or cuda:N.",
+    )
+    @click.option(
+        "--tensorboard", is_flag=True, help="Also log to OUTPUT/logs through accelerate's trackers."
+    )
+    @click.pass_context
+    def train_cmd(
+        ctx: click.Context,
+        resume: str | None,
+        no_auto_cache: bool,
+        device: str,
+        tensorboard: bool,
+        **kwargs: Any,
+    ) -> None:
+        """Train the UNet LoRA of a profile: caches first (built if missing or stale), then the
+        loop with the profile's plugins, checkpoints every train.checkpoint_every steps, and the
+        LoRA in diffusers format, loss curve, samples and model card in the output folder.
+
+        Ctrl-C or SIGTERM writes a checkpoint first; continue with --resume latest.
+        """
+        from naruto_lora.train import TrainOptions, train
+
+        profile = load_profile_from_options(kwargs)
+        options = TrainOptions(
+            resume=resume, auto_cache=not no_auto_cache, device=device, tensorboard=tensorboard
+        )
+        result = train(profile, options)
+        if result.interrupted:
+            ctx.exit(_report_interrupted(result, profile))
+        _report_finished(result)

@@ -1,0 +1,547 @@
+"""Data sources, image preprocessing and aspect-ratio buckets.
+
+A data set is read from one of three places (``data.source``):
+
+* a local folder in the ``imagefolder`` layout: images plus ``metadata.jsonl`` with ``file_name``
+  and a caption field (``data.caption_column``);
+* a local folder of images, each with a same-named ``.txt`` caption (other trainers' convention);
+* anything ``datasets`` loads: a hub id (``lambdalabs/naruto-blip-captions``), a folder written by
+  ``Dataset.save_to_disk``, a folder of parquet files.
+
+Scanning never decodes pixels: items are listed with a lazy reader of their bytes. Bad items are
+*skipped* with a reason (listed in the cache's ``skipped.jsonl``); the run fails only when nothing
+is usable or with ``strict``. Preprocessing is a plan computed from the image size alone
+(:class:`CropPlan`), so fingerprints and SDXL's time ids are known before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+import numpy as np
+import torch
+
+from naruto_lora.errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Bucket sides are multiples of 64 (the issue's rule; also a multiple of every VAE factor in use).
+BUCKET_STEP = 64
+# LANCZOS keeps downscaled line art (the Naruto target) sharp; part of the latent fingerprint.
+RESAMPLE = "lanczos"
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class FileBlob:
+    """An image file on disk."""
+
+    path: Path
+
+    def read(self) -> bytes:
+        return self.path.read_bytes()
+
+
+@dataclass(frozen=True)
+class RowBlob:
+    """The image of row ``row`` of a ``datasets.Dataset`` whose image column is not decoded."""
+
+    dataset: Any
+    row: int
+    column: str
+
+    def read(self) -> bytes:
+        value = self.dataset[self.row][self.column]
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value)
+        if isinstance(value, dict):
+            if value.get("bytes"):
+                return bytes(value["bytes"])
+            if value.get("path"):
+                return Path(value["path"]).read_bytes()
+        raise OSError(f"row {self.row} has no image bytes in column '{self.column}'")
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One captioned image of the data set; ``key`` is stable across runs (relative path or row)."""
+
+    key: str
+    source: str
+    caption: str
+    blob: FileBlob | RowBlob
+
+
+@dataclass(frozen=True)
+class Skipped:
+    key: str
+    source: str
+    reason: str
+
+    def to_json(self) -> str:
+        return json.dumps({"key": self.key, "source": self.source, "reason": self.reason})
+
+
+@dataclass
+class DataScan:
+    """What a data source holds: usable items, skipped ones (with reasons) and warnings."""
+
+    description: str
+    items: list[SourceItem] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _caption_text(value: Any) -> str | None:
+    """A caption value as text; lists (several captions per image) give their first one."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, (list, tuple)):
+        texts = [v.strip() for v in value if isinstance(v, str) and v.strip()]
+        return texts[0] if texts else None
+    return None
+
+
+def _safe_member(root: Path, name: str) -> Path | None:
+    """``root/name`` if ``name`` stays inside ``root`` lexically, else None.
+
+    Lexical on purpose: a data folder assembled with symlinks (the hub cache does that) is
+    fine; a ``file_name`` with ``..`` or an absolute path is what a hostile or broken
+    ``metadata.jsonl`` would use to read files elsewhere.
+    """
+    if not name or PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute():
+        return None
+    if PureWindowsPath(name).drive:
+        return None
+    joined = os.path.normpath(os.path.join(root, name))
+    root_norm = os.path.normpath(root)
+    if os.path.commonpath([root_norm, joined]) != root_norm or joined == root_norm:
+        return None
+    return Path(joined)
+
+
+def _file_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return "file not found"
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    return None
+
+
+def _missing_caption_warning(sources: list[str]) -> str:
+    shown = ", ".join(sources[:5]) + (f" and {len(sources) - 5} more" if len(sources) > 5 else "")
+    return f"{len(sources)} item(s) have no caption and train with an empty caption: {shown}."
+
+
+def _scan_metadata_folder(root: Path, metadata: Path, caption_column: str) -> DataScan:
+    scan = DataScan(description=f"imagefolder '{root}' ({metadata.name})")
+    seen: dict[str, int] = {}
+    no_caption: list[str] = []
+    caption_found = False
+    lines = metadata.read_text(encoding="utf-8-sig", errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{metadata.name} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            scan.skipped.append(Skipped(where, where, "not valid JSON"))
+            continue
+        name = record.get("file_name") if isinstance(record, dict) else None
+        if not isinstance(name, str) or not name:
+            scan.skipped.append(Skipped(where, where, "no 'file_name'"))
+            continue
+        path = _safe_member(root, name)
+        if path is None:
+            reason = "refused: file_name escapes the data folder (absolute path or '..')"
+            scan.skipped.append(Skipped(name, where, reason))
+            continue
+        key = path.relative_to(root).as_posix()
+        if key in seen:
+            scan.skipped.append(Skipped(key, where, f"duplicate of line {seen[key]}"))
+            continue
+        seen[key] = number
+        problem = _file_problem(path)
+        if problem:
+            scan.skipped.append(Skipped(key, key, problem))
+            continue
+        caption_found |= caption_column in record
+        caption = _caption_text(record.get(caption_column))
+        if not caption:
+            no_caption.append(key)
+        scan.items.append(SourceItem(key, key, caption or "", FileBlob(path)))
+    if scan.items and not caption_found:
+        raise UserError(
+            f"No line of '{metadata}' has the caption field '{caption_column}'.",
+            hint="Name the caption field with --caption-column (data.caption_column).",
+        )
+    if no_caption:
+        scan.warnings.append(_missing_caption_warning(no_caption))
+    return scan
+
+
+def _scan_text_caption_folder(root: Path) -> DataScan:
+    scan = DataScan(description=f"folder '{root}' (images with .txt captions)")
+    no_caption: list[str] = []
+    images = sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    for path in images:
+        key = path.relative_to(root).as_posix()
+        problem = _file_problem(path)
+        if problem:
+            scan.skipped.append(Skipped(key, key, problem))
+            continue
+        caption_file = path.with_suffix(".txt")
+        caption = ""
+        if caption_file.is_file():
+            caption = caption_file.read_text(encoding="utf-8-sig", errors="replace").strip()
+        if not caption:
+            no_caption.append(key)
+        scan.items.append(SourceItem(key, key, caption, FileBlob(path)))
+    if no_caption:
+        scan.warnings.append(_missing_caption_warning(no_caption))
+    return scan
+
+
+def _load_hf_dataset(source: str, split: str, local: bool) -> Any:
+    import datasets
+
+    path = Path(source).expanduser()
+    try:
+        if local and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise UserError(
+                        f"Data set '{source}' has no split '{split}'; it has: {', '.join(loaded)}.",
+                        hint="Choose one with --set data.split=NAME.",
+                    )
+                loaded = loaded[split]
+            return loaded
+        return datasets.load_dataset(str(path) if local else source, split=split)
+    except UserError:
+        raise
+    except Exception as exc:  # datasets raises many types (network, format, missing split)
+        raise UserError(
+            f"Could not load the data set '{source}' (split '{split}'): "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            hint="Give a hub data set id, a folder with images and metadata.jsonl or .txt "
+            "captions, or a folder written by Dataset.save_to_disk. A hub id needs network "
+            "access once (or a filled hub cache).",
+        ) from exc
+
+
+def _scan_hf(source: str, split: str, image_column: str, caption_column: str, local: bool):
+    import datasets
+
+    ds = _load_hf_dataset(source, split, local)
+    columns = list(ds.column_names)
+    for column, option in ((image_column, "--image-column"), (caption_column, "--caption-column")):
+        if column not in columns:
+            raise UserError(
+                f"Data set '{source}' has no column '{column}'; its columns: {', '.join(columns)}.",
+                hint=f"Name the right column with {option}.",
+            )
+    feature = ds.features[image_column]
+    if isinstance(feature, datasets.Image):
+        # Undecoded: we hash the exact bytes and decode (and convert) ourselves.
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    elif not (isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary")):
+        raise UserError(
+            f"Column '{image_column}' of '{source}' holds {feature}, not images.",
+            hint="Name the image column with --image-column.",
+        )
+    scan = DataScan(description=f"data set '{source}' split '{split}' ({len(ds)} rows)")
+    no_caption: list[str] = []
+    for row, value in enumerate(ds[caption_column]):
+        key = f"row-{row:06d}"
+        caption = _caption_text(value)
+        if not caption:
+            no_caption.append(key)
+        scan.items.append(SourceItem(key, f"row {row}", caption or "", RowBlob(ds, row, image_column)))
+    if no_caption:
+        scan.warnings.append(_missing_caption_warning(no_caption))
+    return scan
+
+
+def _scan_any(data_cfg: Any) -> DataScan:
+    from naruto_lora.models import resolve_data
+
+    source = resolve_data(data_cfg.source)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        metadata = path / "metadata.jsonl"
+        if not metadata.is_file() and (path / data_cfg.split / "metadata.jsonl").is_file():
+            path = path / data_cfg.split
+            metadata = path / "metadata.jsonl"
+        if metadata.is_file():
+            return _scan_metadata_folder(path, metadata, data_cfg.caption_column)
+        has_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*"))
+        saved = (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+        if has_images and not saved:
+            return _scan_text_caption_folder(path)
+        return _scan_hf(source, data_cfg.split, data_cfg.image_column, data_cfg.caption_column, True)
+    if path.exists():
+        raise UserError(f"data.source '{source}' is a file; give a folder or a data set id.")
+    if source.startswith((".", "/", "~")):
+        raise UserError(f"Data folder '{source}' does not exist.", hint="Check data.source / --data.")
+    return _scan_hf(source, data_cfg.split, data_cfg.image_column, data_cfg.caption_column, False)
+
+
+def scan_source(data_cfg: Any, *, strict: bool = False) -> DataScan:
+    """List the data set's items (no pixel decoding); apply ``data.max_items``."""
+    scan = _scan_any(data_cfg)
+    if data_cfg.max_items:
+        scan.items = scan.items[: data_cfg.max_items]
+    if not scan.items and not scan.skipped:
+        raise UserError(
+            f"The data set {scan.description} is empty: it has no images.",
+            hint="Check data.source (--data) and the layout (see docs/data-and-caches.md).",
+        )
+    check_usable(scan.description, len(scan.items), scan.skipped, strict)
+    return scan
+
+
+def check_usable(description: str, usable: int, skipped: list[Skipped], strict: bool) -> None:
+    """Fail when nothing is usable, or when anything was skipped under ``--strict``."""
+    if usable and not (strict and skipped):
+        return
+    listing = "; ".join(f"{s.source}: {s.reason}" for s in skipped[:5])
+    more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+    if not usable:
+        raise UserError(
+            f"No usable item in {description}: all {len(skipped)} were skipped. {listing}{more}",
+            hint="Fix or replace the files listed.",
+        )
+    raise UserError(
+        f"--strict: {len(skipped)} item(s) of {description} are unusable: {listing}{more}",
+        hint="Fix them, or run without --strict to skip them.",
+    )
+
+
+# --------------------------------------------------------------------------- images
+
+
+class ImageError(Exception):
+    """An image that cannot be used (unreadable, truncated, too small); the item is skipped."""
+
+
+def image_hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _open(data: bytes):
+    from PIL import Image
+
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception as exc:  # PIL raises UnidentifiedImageError, DecompressionBombError, ...
+        raise ImageError(f"not a readable image ({type(exc).__name__}: {exc})") from exc
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(height, width) as displayed, i.e. after the EXIF orientation; reads the header only."""
+    image = _open(data)
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block: the pixels may still be fine
+        orientation = 1
+    width, height = image.size
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
+def load_rgb(data: bytes):
+    """Decode fully (truncation shows here), apply EXIF orientation, convert to 8-bit RGB.
+
+    Alpha is composited on white (transparent areas of drawings are meant as paper, and
+    dropping alpha would expose whatever colour the transparent pixels hold); greyscale, CMYK,
+    palette and 16-bit images are converted rather than refused.
+    """
+    from PIL import Image, ImageOps
+
+    image = _open(data)
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except Exception as exc:
+        raise ImageError(f"cannot decode ({type(exc).__name__}: {exc})") from exc
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I") and array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+# --------------------------------------------------------------------------- buckets and crops
+
+
+def bucket_for(
+    height: int, width: int, resolution: int, step: int = BUCKET_STEP
+) -> tuple[int, int] | None:
+    """The (h, w) bucket for an image: sides multiples of ``step``, area at most
+    ``resolution**2`` and never more than the image's own (no upscaling), aspect ratio as close
+    to the image's as possible (ties: the larger area). None if a side is below ``step``."""
+    area = min(resolution * resolution, height * width)
+    max_h = height // step * step
+    target = math.log(width / height)
+    best: tuple[float, int, tuple[int, int]] | None = None
+    for bucket_w in range(step, width // step * step + 1, step):
+        bucket_h = min(area // bucket_w // step * step, max_h)
+        if bucket_h < step:
+            continue
+        error = round(abs(math.log(bucket_w / bucket_h) - target), 9)
+        candidate = (error, -bucket_w * bucket_h, (bucket_h, bucket_w))
+        if best is None or candidate < best:
+            best = candidate
+    return None if best is None else best[2]
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """How one item becomes a training image: resize to ``resized_size`` (h, w), crop the
+    ``target_size`` box at ``crop_box_top_left`` (top, left), then mirror if ``flip``."""
+
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    crop_box_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+    flip: bool
+
+    @property
+    def crop_top_left(self) -> tuple[int, int]:
+        """SDXL's crop coordinate: the crop's top-left in the (mirrored, if flipped) resized
+        image, as diffusers' SDXL script computes it when it flips before cropping."""
+        top, left = self.crop_box_top_left
+        if self.flip:
+            left = self.resized_size[1] - left - self.target_size[1]
+        return top, left
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "original_size": list(self.original_size),
+            "resized_size": list(self.resized_size),
+            "crop_box_top_left": list(self.crop_box_top_left),
+            "target_size": list(self.target_size),
+            "flip": self.flip,
+        }
+
+
+def plan_crop(
+    original_size: tuple[int, int], data_cfg: Any, *, seed: int, key: str, flip: bool = False
+) -> CropPlan:
+    """Resize the short side so the target box is covered, then center- or random-crop.
+
+    The random crop is drawn from (seed, item key), so the cache is reproducible and a seed
+    change is a fingerprint change. Raises ImageError when no bucket fits.
+    """
+    height, width = original_size
+    if data_cfg.buckets:
+        bucket = bucket_for(height, width, data_cfg.resolution)
+        if bucket is None:
+            raise ImageError(f"{width}x{height} px is too small for a {BUCKET_STEP} px bucket")
+        target = bucket
+    else:
+        target = (data_cfg.resolution, data_cfg.resolution)
+    scale = max(target[0] / height, target[1] / width)
+    resized = (max(target[0], round(height * scale)), max(target[1], round(width * scale)))
+    spare_h, spare_w = resized[0] - target[0], resized[1] - target[1]
+    if data_cfg.center_crop:
+        box = (spare_h // 2, spare_w // 2)
+    else:
+        rng = random.Random(f"{seed}:{key}")
+        box = (rng.randint(0, spare_h), rng.randint(0, spare_w))
+    return CropPlan(original_size, resized, box, target, flip)
+
+
+def preprocess(image: Any, plan: CropPlan) -> torch.Tensor:
+    """PIL RGB image -> float32 tensor [3, h, w] in [-1, 1], as the VAE expects."""
+    from PIL import Image
+
+    resample = Image.Resampling.LANCZOS
+    if (image.height, image.width) != plan.original_size:
+        raise ImageError(
+            f"decoded size {image.height}x{image.width} differs from the planned "
+            f"{plan.original_size[0]}x{plan.original_size[1]}"
+        )
+    resized = image.resize((plan.resized_size[1], plan.resized_size[0]), resample)
+    top, left = plan.crop_box_top_left
+    cropped = resized.crop((left, top, left + plan.target_size[1], top + plan.target_size[0]))
+    if plan.flip:
+        cropped = cropped.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(cropped, dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous() / 127.5 - 1.0
+
+
+def time_ids(
+    original_size: Iterable[int], crop_top_left: Iterable[int], target_size: Iterable[int]
+) -> torch.Tensor:
+    """SDXL's micro-conditioning for one item: (orig_h, orig_w, crop_top, crop_left,
+    target_h, target_w) as float32, the order of ``StableDiffusionXLPipeline._get_add_time_ids``.
+    Training must feed each item's real values, not constants (SDXL paper, section 2.2)."""
+    values = [*original_size, *crop_top_left, *target_size]
+    if len(values) != 6:
+        raise ValueError(f"time ids need 2 + 2 + 2 values, got {values}")
+    return torch.tensor(values, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True)
+class PlannedItem:
+    """A source item with its bytes' hash and one crop plan per variant (flip False/True)."""
+
+    item: SourceItem
+    image_hash: str
+    plans: tuple[CropPlan, ...]
+
+
+def flip_variants(data_cfg: Any) -> tuple[bool, ...]:
+    # Random flip is served by caching both mirror images; training picks one per epoch.
+    return (False, True) if data_cfg.random_flip else (False,)
+
+
+def plan_items(
+    items: list[SourceItem],
+    data_cfg: Any,
+    seed: int,
+    on_progress: Callable[[], None] | None = None,
+) -> tuple[list[PlannedItem], list[Skipped]]:
+    """Hash each image's bytes and plan its crops from the header (no pixel decoding)."""
+    planned: list[PlannedItem] = []
+    skipped: list[Skipped] = []
+    for item in items:
+        try:
+            data = item.blob.read()
+            size = image_size(data)
+            plans = tuple(
+                plan_crop(size, data_cfg, seed=seed, key=item.key, flip=flip)
+                for flip in flip_variants(data_cfg)
+            )
+            planned.append(PlannedItem(item, image_hash(data), plans))
+        except (ImageError, OSError) as exc:
+            skipped.append(Skipped(item.key, item.source, str(exc)))
+        if on_progress is not None:
+            on_progress()
+    return planned, skipped

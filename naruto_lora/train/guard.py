@@ -1,0 +1,149 @@
+"""Faults a run survives or explains: Ctrl-C / SIGTERM, non-finite losses, CUDA out-of-memory."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from naruto_lora.console import err_console
+from naruto_lora.errors import UserError
+
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM; the loop finishes the optimizer step it is in, writes a checkpoint
+    and returns. A second signal stops at once (the default action)."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def request(self, signal_name: str) -> None:
+        self.signal_name = signal_name
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            self.restore()
+            raise KeyboardInterrupt(f"second {name}")
+        self.request(name)
+        err_console.print(
+            f"[yellow]{name} received: finishing this step and writing a checkpoint "
+            "(send it again to stop at once).[/]"
+        )
+
+    def install(self) -> None:
+        # Signal handlers can only be set from the main thread (not, e.g., from a worker thread
+        # that embeds the trainer); there the caller keeps its own handling.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    stop = StopRequest()
+    stop.install()
+    try:
+        yield stop
+    finally:
+        stop.restore()
+
+
+NONFINITE_ADVICE = (
+    "Common causes and fixes: a VAE that overflows in fp16 (use the fp16-fix VAE, "
+    "model.vae = 'madebyollin/sdxl-vae-fp16-fix', and rebuild the latent cache); fp16 range "
+    "(train.mixed_precision = 'bf16' on GPUs that support it); a learning rate too high "
+    "(train.learning_rate = {lr:g} now; try a tenth of it)."
+)
+
+
+class NonFiniteGuard:
+    """Counts optimizer updates skipped for a non-finite loss or gradient; too many in a row stop
+    the run with advice instead of training on garbage."""
+
+    def __init__(self, max_in_row: int, learning_rate: float) -> None:
+        self.max_in_row = max_in_row
+        self.learning_rate = learning_rate
+        self.in_row = 0
+        self.total = 0
+
+    def skipped(self, step: int, what: str, items: list[str]) -> None:
+        self.in_row += 1
+        self.total += 1
+        shown = "; ".join(items[:8]) + (f"; ... ({len(items)} in all)" if len(items) > 8 else "")
+        err_console.print(
+            f"[yellow]step {step}: {what} is not finite; update skipped "
+            f"({self.in_row} in a row, {self.total} in all). Items: {shown}[/]",
+            soft_wrap=True,
+        )
+        if self.in_row >= self.max_in_row:
+            raise UserError(
+                f"Training stopped: {what} was not finite for {self.in_row} optimizer updates in a "
+                f"row (train.max_nonfinite_in_row = {self.max_in_row}). Last items: {shown}.",
+                hint=NONFINITE_ADVICE.format(lr=self.learning_rate),
+            )
+
+    def ok(self) -> None:
+        self.in_row = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"in_row": self.in_row, "total": self.total}
+
+    def load_state_dict(self, saved: dict[str, int]) -> None:
+        self.in_row = int(saved["in_row"])
+        self.total = int(saved["total"])
+
+
+def oom_advice(profile: Any, peak_gib: float, total_gib: float | None) -> tuple[str, str]:
+    """(message, hint): the peak, then what would fit: the next smaller profile and the options
+    that cut memory most."""
+    smaller = {"14gb": "12gb", "12gb": "8gb"}.get(profile.name)
+    advice = []
+    if smaller:
+        advice.append(f"the '{smaller}' profile (--profile {smaller})")
+    if not profile.plugins.get("gradient_checkpointing") or not (
+        profile.plugins["gradient_checkpointing"].enabled
+    ):
+        advice.append("--enable gradient_checkpointing")
+    if profile.cache.text != "disk":
+        advice.append("--set cache.text='disk' (text encoders leave the GPU)")
+    if profile.data.resolution > 512:
+        advice.append(f"a lower --set data.resolution (now {profile.data.resolution})")
+    if profile.train.batch_size > 1:
+        advice.append("--set train.batch_size=1 with a larger train.gradient_accumulation_steps")
+    if profile.train.optimizer != "adamw8bit":
+        advice.append("--set train.optimizer='adamw8bit'")
+    of_total = f" of {total_gib:.1f} GiB" if total_gib else ""
+    return (
+        f"CUDA ran out of memory (peak allocated {peak_gib:.2f} GiB{of_total}, "
+        f"profile '{profile.name}', {profile.data.resolution} px, rank {profile.lora.rank}).",
+        "Try: " + "; ".join(advice or ["closing other programs that use the GPU"]) + ".",
+    )
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(profile: Any, device: torch.device) -> Iterator[None]:
+    """Turn CUDA out-of-memory into a UserError with the peak memory and what would fit."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        torch.cuda.empty_cache()
+        message, hint = oom_advice(profile, peak, total)
+        raise UserError(message, hint=hint) from exc

@@ -1,0 +1,234 @@
+"""The training loop: setup, then for each micro-batch forward, loss, backward; at each
+accumulation boundary clip, step, zero-grad, log; the "once in a while" blocks (validation
+samples, checkpoints) sit apart.
+
+The step names no plugin: noise, timesteps, loss weights, what follows an update, extra checkpoint
+state, the weights validation uses and the weights written at the end are all hook answers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from naruto_lora.console import console
+from naruto_lora.profile import Profile
+from naruto_lora.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from naruto_lora.train.display import TrainDisplay
+from naruto_lora.train.finish import TrainResult, finish, interrupted
+from naruto_lora.train.guard import StopRequest, explain_out_of_memory, stop_on_signals
+from naruto_lora.train.objective import (
+    combine_loss_weights,
+    per_sample_mse,
+    prediction_target,
+    weighted_loss,
+)
+from naruto_lora.train.setup import DataPosition, Run, TrainOptions, setup_run
+
+
+@dataclass
+class Window:
+    """The micro-batches of one optimizer update."""
+
+    losses: list[float] = field(default_factory=list)
+    items: list[str] = field(default_factory=list)
+    finite: bool = True
+    data_wait_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def record(self, loss: torch.Tensor, batch: dict[str, Any]) -> None:
+        value = float(loss.detach())
+        self.losses.append(value)
+        captions = batch.get("captions") or [""] * len(batch["index"])
+        self.items += [f"#{int(i)} {c!r}" for i, c in zip(batch["index"], captions, strict=True)]
+        self.finite = self.finite and math.isfinite(value)
+
+
+@dataclass
+class Update:
+    applied: bool
+    lr: float
+    grad_norm: float = float("nan")
+
+
+def train(profile: Profile, options: TrainOptions | None = None, pm: Any = None) -> TrainResult:
+    """Train the profile's LoRA; return when done, or when a signal asked to stop (after writing
+    a checkpoint). ``pm`` replaces the profile's plugin manager (tests add tracing plugins)."""
+    options = options or TrainOptions()
+    run = setup_run(profile, options, pm)
+    with explain_out_of_memory(profile, run.state.device):
+        start(run)
+        with stop_on_signals() as stop:
+            display = TrainDisplay(run.total_steps, run.state.global_step, run.memory.kind)
+            with display:
+                train_loop(run, stop, display)
+        if stop.requested:
+            return interrupted(run, stop)
+        return finish(run)
+
+
+def start(run: Run) -> None:
+    run.pm.hook.nlora_train_start(state=run.state)
+    if run.options.resume:
+        path = resolve_resume(run.state.output_dir, run.options.resume)
+        load_checkpoint(run, path)
+        run.last_checkpoint = path
+        if run.is_main:
+            run.metrics.truncate_after(run.state.global_step)
+        console.print(
+            f"Resumed from [bold]{path}[/] at step {run.state.global_step} "
+            f"(epoch {run.position.epoch + 1})."
+        )
+    console.print(
+        f"Training {run.total_steps} steps of {run.profile.train.batch_size} x "
+        f"{run.profile.train.gradient_accumulation_steps} on {run.state.device} "
+        f"({run.batches_per_epoch} batches per epoch); plugins: "
+        f"{', '.join(run.profile.enabled_plugins()) or 'none'}."
+    )
+
+
+def train_loop(run: Run, stop: StopRequest, display: TrainDisplay) -> None:
+    if run.state.global_step >= run.total_steps:
+        return
+    window = Window()
+    for position, batch, wait_s in micro_batches(run):
+        window.data_wait_s += wait_s
+        with run.accelerator.accumulate(run.model):
+            loss = compute_loss(run, batch)
+            window.record(loss, batch)
+            if window.finite:
+                run.accelerator.backward(loss)
+        run.position = position
+        run.state.epoch = position.epoch
+        if not run.accelerator.sync_gradients:
+            continue
+        update = optimizer_update(run, window)
+        if update.applied:
+            run.pm.hook.nlora_after_optimizer_step(state=run.state)
+            log_update(run, window, update, display)
+            once_in_a_while(run)
+        window = Window()
+        if run.state.global_step >= run.total_steps or stop.requested:
+            break
+
+
+def compute_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
+    """Forward one micro-batch and return its (plugin-weighted) loss."""
+    state, hook = run.state, run.pm.hook
+    cond = run.conditioner(batch)
+    noise = hook.nlora_sample_noise(state=state, latents=cond.latents, generator=run.generator)
+    timesteps = hook.nlora_sample_timesteps(
+        state=state, batch_size=cond.latents.shape[0], device=state.device, generator=run.generator
+    )
+    noisy_latents = state.noise_scheduler.add_noise(cond.latents, noise, timesteps)
+    prediction = run.model(
+        noisy_latents.to(state.weight_dtype),
+        timesteps,
+        encoder_hidden_states=cond.prompt_embeds,
+        added_cond_kwargs={"text_embeds": cond.pooled_embeds, "time_ids": cond.time_ids},
+        return_dict=False,
+    )[0]
+    target = prediction_target(state.noise_scheduler, cond.latents, noise, timesteps)
+    contributions = hook.nlora_loss_weights(state=state, timesteps=timesteps)
+    weights = combine_loss_weights(contributions, batch_size=len(timesteps))
+    return weighted_loss(per_sample_mse(prediction, target), weights)
+
+
+def optimizer_update(run: Run, window: Window) -> Update:
+    """Clip, step, zero-grad, advance the LR schedule; or skip a non-finite update."""
+    lr = run.lr_scheduler.get_last_lr()[0]
+    next_step = run.state.global_step + 1
+    if not window.finite:
+        run.optimizer.zero_grad(set_to_none=True)
+        run.guard.skipped(next_step, "the loss", window.items)
+        return Update(applied=False, lr=lr)
+    max_norm = run.profile.train.max_grad_norm or math.inf  # 0 = no clipping, norm still logged
+    grad_norm = float(run.accelerator.clip_grad_norm_(run.state.lora_parameters, max_norm))
+    scaler = run.accelerator.scaler
+    if not math.isfinite(grad_norm) and scaler is None:
+        run.optimizer.zero_grad(set_to_none=True)
+        run.guard.skipped(next_step, "the gradient norm", window.items)
+        return Update(applied=False, lr=lr, grad_norm=grad_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.optimizer.step_was_skipped:
+        # fp16: the grad scaler found inf/NaN, lowered its scale and skipped; routine early on.
+        return Update(applied=False, lr=lr, grad_norm=grad_norm)
+    run.lr_scheduler.step()
+    run.state.global_step = next_step
+    run.guard.ok()
+    return Update(applied=True, lr=lr, grad_norm=grad_norm)
+
+
+def log_update(run: Run, window: Window, update: Update, display: TrainDisplay) -> None:
+    step_s = time.perf_counter() - window.started
+    run.train_s += step_s
+    loss = sum(window.losses) / len(window.losses)
+    smoothed = run.smoothed_loss.update(loss)
+    peak_gib = run.memory.gib()
+    row = {
+        "step": run.state.global_step,
+        "epoch": run.position.epoch,
+        "loss": loss,
+        "lr": update.lr,
+        "grad_norm": update.grad_norm,
+        "step_s": round(step_s, 5),
+        "data_wait_s": round(window.data_wait_s, 5),
+        "peak_mem_gib": round(peak_gib, 4),
+    }
+    if run.is_main:
+        run.metrics.append(row)
+    if run.options.tensorboard:
+        scalars = {k: v for k, v in row.items() if k not in ("step", "epoch")}
+        run.accelerator.log(scalars, step=run.state.global_step)
+    display.update(run.state.global_step, run.position.epoch, smoothed, update.lr, peak_gib)
+
+
+def once_in_a_while(run: Run) -> None:
+    """Validation samples, then a checkpoint, on their own step grids (main process writes)."""
+    from naruto_lora.train.metrics import LOSS_PLOT_NAME, plot_loss
+    from naruto_lora.train.validation import write_samples
+
+    step, cfg = run.state.global_step, run.profile
+    if run.validation is not None and step % cfg.validation.every_steps == 0 and run.is_main:
+        write_samples(run, step)
+    if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+        if run.is_main:
+            run.last_checkpoint = save_checkpoint(run)
+            plot_loss(run.metrics.path, run.state.output_dir / LOSS_PLOT_NAME)
+        run.accelerator.wait_for_everyone()
+
+
+def micro_batches(run: Run) -> Iterator[tuple[DataPosition, dict[str, Any], float]]:
+    """The data from the run's position on, epoch after epoch, each epoch's order fixed by
+    (seed, epoch); yields (position after this batch, batch, seconds waited for it)."""
+    from naruto_lora.cache import make_batch_sampler, make_loader
+
+    train_cfg = run.profile.train
+    epoch, done = run.position.epoch, run.position.batch
+    if done >= run.batches_per_epoch:
+        epoch, done = epoch + 1, 0
+    while epoch < train_cfg.epochs:
+        sampler = make_batch_sampler(
+            run.dataset,
+            train_cfg.batch_size,
+            train_cfg.seed,
+            epoch,
+            skip_batches=done,
+            num_replicas=run.accelerator.num_processes,
+            rank=run.accelerator.process_index,
+        )
+        batches = iter(make_loader(run.dataset, sampler, workers=train_cfg.dataloader_workers))
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            done += 1
+            yield DataPosition(epoch, done), batch, time.perf_counter() - waited
+        epoch, done = epoch + 1, 0

@@ -1,0 +1,318 @@
+"""Everything a run needs before its first step, in the order that fails fast.
+
+Cheap checks first (device, output folder, LoRA targets against the UNet), then the caches (which
+may take minutes to build), then models onto the device, optimizer and schedule.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from naruto_lora.console import console
+from naruto_lora.errors import UserError
+from naruto_lora.lora import inject_lora
+from naruto_lora.models import (
+    DTYPES,
+    latent_scale,
+    load_noise_scheduler,
+    load_text_encoders,
+    load_unet,
+    load_vae,
+    vae_is_fp16_safe,
+)
+from naruto_lora.profile import Profile, write_resolved
+from naruto_lora.train.conditioning import Conditioner
+from naruto_lora.train.guard import NonFiniteGuard
+from naruto_lora.train.metrics import MetricsLog, PeakMemory, SmoothedValue
+from naruto_lora.train.outputs import PROFILE_NAME, check_output_folder, clear_previous_run
+from naruto_lora.train.schedule import make_lr_scheduler, make_optimizer, plan_total_steps
+from naruto_lora.train.state import TrainState
+from naruto_lora.train.validation import Validation, encode_validation_prompts
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    resume: str | None = None  # "latest" or a checkpoint folder
+    auto_cache: bool = True  # build missing/stale caches first (False: that is an error)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    tensorboard: bool = False
+
+
+@dataclass
+class DataPosition:
+    """Where the data order stands: ``batch`` micro-batches of ``epoch`` are consumed."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+@dataclass
+class Run:
+    profile: Profile
+    options: TrainOptions
+    pm: Any
+    accelerator: Any
+    state: TrainState
+    model: torch.nn.Module  # the UNet as accelerate prepared it (what the forward pass calls)
+    optimizer: Any
+    lr_scheduler: Any
+    dataset: Any
+    batches_per_epoch: int
+    total_steps: int
+    conditioner: Conditioner
+    generator: torch.Generator
+    guard: NonFiniteGuard
+    memory: PeakMemory
+    metrics: MetricsLog
+    validation: Validation | None
+    position: DataPosition = field(default_factory=DataPosition)
+    smoothed_loss: SmoothedValue = field(default_factory=SmoothedValue)
+    train_s: float = 0.0  # time spent in steps, summed across resumes
+    last_checkpoint: Path | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def autocast(self) -> Any:
+        return self.accelerator.autocast()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(
+            f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N."
+        ) from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"--device {name} but this torch sees no CUDA GPU.",
+            hint="Use --device cpu, or install a CUDA build of torch.",
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: training supports cpu and cuda devices.")
+    return device
+
+
+def precision_for(profile: Profile, device: torch.device) -> tuple[str, torch.dtype]:
+    """(accelerate mixed_precision, dtype of the frozen weights): the profile's on a GPU, fp32
+    on a CPU, where fp16 kernels are missing or slow."""
+    if device.type == "cpu":
+        if profile.train.mixed_precision != "no":
+            console.print(f"[dim]On the CPU: fp32 instead of {profile.train.mixed_precision}.[/]")
+        return "no", torch.float32
+    return profile.train.mixed_precision, DTYPES[profile.train.mixed_precision]
+
+
+def make_accelerator(profile: Profile, device: torch.device, options: TrainOptions) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    if options.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError(
+            "--tensorboard needs the tensorboard package.",
+            hint="pip install 'naruto-lora[tensorboard]' (or tensorboard).",
+        )
+    launched = int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1
+    if not launched:
+        # accelerate keeps one process-wide state; a second run in the same process (tests,
+        # notebooks) with other settings must start from a clean one.
+        AcceleratorState._reset_state(reset_partial_state=True)
+    mixed_precision, _ = precision_for(profile, device)
+    output_dir = Path(profile.train.output_dir)
+    return Accelerator(
+        cpu=device.type == "cpu",
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=profile.train.gradient_accumulation_steps,
+        log_with="tensorboard" if options.tensorboard else None,
+        project_dir=str(output_dir / "logs"),
+    )
+
+
+def prepare_output_folder(profile: Profile, options: TrainOptions, is_main: bool) -> Path:
+    output_dir = Path(profile.train.output_dir).expanduser()
+    starting_over = check_output_folder(output_dir, profile, options.resume)
+    if is_main:
+        if starting_over:
+            console.print(
+                f"Starting over in [bold]{output_dir}[/] (it held a run of this profile)."
+            )
+            clear_previous_run(output_dir)
+            MetricsLog(output_dir).reset()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved(profile, output_dir / PROFILE_NAME)
+    return output_dir
+
+
+def load_trainable_unet(profile: Profile, pm: Any, weight_dtype: torch.dtype) -> Any:
+    """The frozen UNet in the weight dtype with the LoRA (fp32) injected, on the CPU still.
+
+    The seed is set first: peft draws the LoRA's initial weights from the global generator.
+    """
+    from accelerate.utils import set_seed
+
+    unet = load_unet(profile.model, weight_dtype)
+    set_seed(profile.train.seed)
+    params = inject_lora(unet, profile.lora)
+    pm.hook.nlora_prepare_unet(unet=unet, profile=profile, training=True)
+    unet.train()
+    return unet, params
+
+
+def load_dataset(profile: Profile, options: TrainOptions, accelerator: Any) -> tuple[Any, int]:
+    """Caches first (built when missing or stale, unless --no-auto-cache), then the data set."""
+    from naruto_lora.cache import (
+        build_train_dataset,
+        ensure_latent_cache,
+        ensure_text_cache,
+        make_batch_sampler,
+    )
+
+    device = str(accelerator.device)
+    latents = None
+    if profile.cache.latents:
+        latents = ensure_latent_cache(profile, device=device, auto=options.auto_cache)
+    text = None
+    if profile.cache.text == "disk":
+        text = ensure_text_cache(profile, device=device, auto=options.auto_cache)
+    dataset = build_train_dataset(profile, latents, text)
+    sampler = make_batch_sampler(
+        dataset,
+        profile.train.batch_size,
+        profile.train.seed,
+        0,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
+    return dataset, len(sampler)
+
+
+def load_vae_for(profile: Profile, device: torch.device, weight_dtype: torch.dtype) -> Any:
+    """The VAE in the weight dtype, or fp32 when it would overflow in fp16 (SDXL's own VAE)."""
+    vae = load_vae(profile.model, torch.float32)
+    if weight_dtype == torch.float16 and not vae_is_fp16_safe(profile.model, vae):
+        console.print("[dim]The VAE is not fp16-safe: keeping it in fp32.[/]")
+        weight_dtype = torch.float32
+    vae.requires_grad_(False)
+    vae.eval()
+    return vae.to(device, weight_dtype)
+
+
+def make_conditioner(
+    profile: Profile, device: torch.device, weight_dtype: torch.dtype, generator: torch.Generator
+) -> Conditioner:
+    """Text encoders on the device only for ``cache.text = "memory"``; the VAE only when
+    latents are not cached (validation loads its own share in ``make_validation``)."""
+    conditioner = Conditioner(device=device, weight_dtype=weight_dtype, generator=generator)
+    if profile.cache.text == "memory":
+        conditioner.text_encoders = load_text_encoders(profile.model, weight_dtype)
+        for encoder in conditioner.text_encoders.encoders:
+            encoder.to(device)
+    if not profile.cache.latents:
+        conditioner.vae = load_vae_for(profile, device, weight_dtype)
+        _, conditioner.scaling_factor, conditioner.shift_factor = latent_scale(conditioner.vae)
+    return conditioner
+
+
+def make_validation(
+    profile: Profile, conditioner: Conditioner, device: torch.device, weight_dtype: torch.dtype
+) -> Validation | None:
+    cfg = profile.validation
+    if cfg.every_steps <= 0 or not cfg.prompts:
+        return None
+    embeds, pooled = encode_validation_prompts(profile, conditioner.text_encoders, device)
+    vae = (
+        conditioner.vae
+        if conditioner.vae is not None
+        else load_vae_for(profile, device, weight_dtype)
+    )
+    return Validation(
+        prompts=tuple(cfg.prompts),
+        prompt_embeds=embeds,
+        pooled_embeds=pooled,
+        vae=vae,
+        resolution=profile.data.resolution,
+        seed=cfg.seed,
+        num_inference_steps=cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale,
+    )
+
+
+def setup_run(profile: Profile, options: TrainOptions, pm: Any = None) -> Run:
+    """Build a ``Run``: every input checked, models on the device, nothing trained yet."""
+    from naruto_lora.plugins import build_plugin_manager
+
+    pm = pm if pm is not None else build_plugin_manager(profile)
+    device = resolve_device(options.device)
+    accelerator = make_accelerator(profile, device, options)
+    device = accelerator.device
+    output_dir = prepare_output_folder(profile, options, accelerator.is_main_process)
+    _, weight_dtype = precision_for(profile, device)
+    unet, params = load_trainable_unet(profile, pm, weight_dtype)
+    dataset, batches_per_epoch = load_dataset(profile, options, accelerator)
+    total_steps = plan_total_steps(
+        profile.train.max_steps,
+        profile.train.epochs,
+        batches_per_epoch,
+        profile.train.gradient_accumulation_steps,
+    )
+    generator = torch.Generator(device=device).manual_seed(profile.train.seed)
+    conditioner = make_conditioner(profile, device, weight_dtype, generator)
+    validation = make_validation(profile, conditioner, device, weight_dtype)
+    optimizer = make_optimizer(params, profile.train, device)
+    lr_scheduler = make_lr_scheduler(optimizer, profile.train, total_steps)
+    model, optimizer = accelerator.prepare(unet, optimizer)
+    if options.tensorboard:
+        accelerator.init_trackers("nlora", config=_tracker_config(profile))
+    state = TrainState(
+        profile=profile,
+        unet=accelerator.unwrap_model(model),
+        noise_scheduler=load_noise_scheduler(profile.model),
+        lora_parameters=params,
+        device=device,
+        weight_dtype=weight_dtype,
+        output_dir=output_dir,
+        accelerator=accelerator,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+    )
+    return Run(
+        profile=profile,
+        options=options,
+        pm=pm,
+        accelerator=accelerator,
+        state=state,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        dataset=dataset,
+        batches_per_epoch=batches_per_epoch,
+        total_steps=total_steps,
+        conditioner=conditioner,
+        generator=generator,
+        guard=NonFiniteGuard(profile.train.max_nonfinite_in_row, profile.train.learning_rate),
+        memory=PeakMemory(device),
+        metrics=MetricsLog(output_dir),
+        validation=validation,
+    )
+
+
+def _tracker_config(profile: Profile) -> dict[str, Any]:
+    """TensorBoard hparams accept only scalars and strings: flatten the profile."""
+    flat: dict[str, Any] = {}
+    for section, values in profile.to_dict().items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if isinstance(value, (int, float, str, bool)):
+                    flat[f"{section}.{key}"] = value
+    return flat

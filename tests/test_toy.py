@@ -1,0 +1,70 @@
+"""The demo's generated data sets and the ids that resolve to them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from naruto_lora import toy
+from naruto_lora.models import resolve_data, resolve_model
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.png")) + [folder / "metadata.jsonl"]:
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def test_style_set_is_deterministic_and_leaves_out_the_held_out_scenes(tmp_path: Path) -> None:
+    first = toy.write_toy_dataset(tmp_path / "a", styled=True)
+    second = toy.write_toy_dataset(tmp_path / "b", styled=True)
+    assert _digest(first) == _digest(second)
+    rows = [json.loads(line) for line in (first / "metadata.jsonl").read_text().splitlines()]
+    captions = {row["text"] for row in rows}
+    assert len(rows) == len(toy.all_scenes()) - 2 * len(toy.HELD_OUT)
+    assert not captions & set(toy.HELD_OUT_PROMPTS)
+    for row in rows:
+        assert (first / row["file_name"]).is_file()
+        assert not toy.is_held_out(toy.parse_caption(row["text"]))
+
+
+def test_held_out_prompts_name_held_out_scenes_and_captions_round_trip() -> None:
+    assert all(toy.is_held_out(toy.parse_caption(p)) for p in toy.HELD_OUT_PROMPTS)
+    for scene in toy.all_scenes():
+        assert toy.parse_caption(scene.caption) == scene
+
+
+def test_toy_style_id_loads_through_the_datasets_imagefolder_loader(nlora_home: Path) -> None:
+    from datasets import load_dataset
+
+    folder = Path(resolve_data(toy.TOY_STYLE_ID))
+    assert folder.parent == nlora_home
+    assert resolve_data(toy.TOY_STYLE_ID) == str(folder)  # created once, then reused
+    data = load_dataset("imagefolder", data_dir=str(folder), split="train")
+    assert len(data) == len(toy.all_scenes()) - 2 * len(toy.HELD_OUT)
+    assert data[0]["image"].size == (toy.RESOLUTION, toy.RESOLUTION)
+    assert toy.parse_caption(data[0]["text"])
+
+
+def test_other_ids_pass_through_unchanged() -> None:
+    assert resolve_data("lambdalabs/naruto-blip-captions") == "lambdalabs/naruto-blip-captions"
+    assert toy.resolve_toy_model("stabilityai/stable-diffusion-xl-base-1.0") is None
+
+
+def test_toy_base_id_resolves_to_the_committed_model() -> None:
+    folder = Path(resolve_model(toy.TOY_BASE_ID))
+    assert folder == toy.toy_base_dir()
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+
+
+def test_missing_toy_base_is_a_user_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from naruto_lora.errors import UserError
+
+    monkeypatch.setattr(toy, "toy_base_dir", lambda: tmp_path / "nothing")
+    with pytest.raises(UserError, match="toy base model is missing"):
+        resolve_model(toy.TOY_BASE_ID)
