@@ -35,6 +35,7 @@ from naruto_lora.errors import UserError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Bucket sides are multiples of 64 (the issue's rule; also a multiple of every VAE factor in use).
 BUCKET_STEP = 64
+MAX_BUCKET_RATIO = 4.0
 # LANCZOS keeps downscaled line art (the Naruto target) sharp; part of the latent fingerprint.
 RESAMPLE = "lanczos"
 
@@ -223,7 +224,9 @@ def _load_hf_dataset(source: str, split: str, local: bool) -> Any:
 
     path = Path(source).expanduser()
     try:
-        if local and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        if local and (
+            (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+        ):
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
                 if split not in loaded:
@@ -273,7 +276,9 @@ def _scan_hf(source: str, split: str, image_column: str, caption_column: str, lo
         caption = _caption_text(value)
         if not caption:
             no_caption.append(key)
-        scan.items.append(SourceItem(key, f"row {row}", caption or "", RowBlob(ds, row, image_column)))
+        scan.items.append(
+            SourceItem(key, f"row {row}", caption or "", RowBlob(ds, row, image_column))
+        )
     if no_caption:
         scan.warnings.append(_missing_caption_warning(no_caption))
     return scan
@@ -291,15 +296,25 @@ def _scan_any(data_cfg: Any) -> DataScan:
             metadata = path / "metadata.jsonl"
         if metadata.is_file():
             return _scan_metadata_folder(path, metadata, data_cfg.caption_column)
-        has_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*"))
+        files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        has_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files)
         saved = (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
         if has_images and not saved:
             return _scan_text_caption_folder(path)
-        return _scan_hf(source, data_cfg.split, data_cfg.image_column, data_cfg.caption_column, True)
+        if not files:
+            raise UserError(
+                f"The data folder '{source}' is empty.",
+                hint="Put images in it (with .txt captions or a metadata.jsonl).",
+            )
+        return _scan_hf(
+            source, data_cfg.split, data_cfg.image_column, data_cfg.caption_column, True
+        )
     if path.exists():
         raise UserError(f"data.source '{source}' is a file; give a folder or a data set id.")
     if source.startswith((".", "/", "~")):
-        raise UserError(f"Data folder '{source}' does not exist.", hint="Check data.source / --data.")
+        raise UserError(
+            f"Data folder '{source}' does not exist.", hint="Check data.source / --data."
+        )
     return _scan_hf(source, data_cfg.split, data_cfg.image_column, data_cfg.caption_column, False)
 
 
@@ -396,19 +411,34 @@ def load_rgb(data: bytes):
 # --------------------------------------------------------------------------- buckets and crops
 
 
+def _fitting_sides(long_limit: int, short_side: int, area: int, step: int) -> int:
+    """The largest multiple of ``step`` for the other side of a bucket whose one side is
+    ``short_side``: within the area, the image (``long_limit``) and the aspect-ratio cap."""
+    by_area = area // short_side // step * step
+    by_ratio = int(short_side * MAX_BUCKET_RATIO) // step * step
+    return min(by_area, long_limit // step * step, by_ratio)
+
+
 def bucket_for(
     height: int, width: int, resolution: int, step: int = BUCKET_STEP
 ) -> tuple[int, int] | None:
     """The (h, w) bucket for an image: sides multiples of ``step``, area at most
     ``resolution**2`` and never more than the image's own (no upscaling), aspect ratio as close
-    to the image's as possible (ties: the larger area). None if a side is below ``step``."""
+    to the image's as possible (ties: the larger area) within 1:4 .. 4:1 (SDXL's bucket range;
+    more extreme images are cropped to it). None if a side is below ``step``.
+
+    Candidates fix one side and give the other the most the area allows, from both sides, so a
+    transposed image gets the transposed bucket.
+    """
     area = min(resolution * resolution, height * width)
-    max_h = height // step * step
+    candidates = [(_fitting_sides(height, w, area, step), w) for w in range(step, width + 1, step)]
+    candidates += [(h, _fitting_sides(width, h, area, step)) for h in range(step, height + 1, step)]
     target = math.log(width / height)
     best: tuple[float, int, tuple[int, int]] | None = None
-    for bucket_w in range(step, width // step * step + 1, step):
-        bucket_h = min(area // bucket_w // step * step, max_h)
-        if bucket_h < step:
+    for bucket_h, bucket_w in candidates:
+        if min(bucket_h, bucket_w) < step or max(bucket_h, bucket_w) > MAX_BUCKET_RATIO * min(
+            bucket_h, bucket_w
+        ):
             continue
         error = round(abs(math.log(bucket_w / bucket_h) - target), 9)
         candidate = (error, -bucket_w * bucket_h, (bucket_h, bucket_w))

@@ -85,7 +85,9 @@ class SgmLayout:
             )
         per_block = get("layers_per_block")
         down_layers = (
-            tuple(per_block) if isinstance(per_block, (list, tuple)) else (per_block,) * len(down_types)
+            tuple(per_block)
+            if isinstance(per_block, (list, tuple))
+            else (per_block,) * len(down_types)
         )
         # diffusers builds up block i with reversed(layers_per_block)[i] + 1 layers.
         up_layers = tuple(n + 1 for n in reversed(down_layers))
@@ -130,9 +132,13 @@ def sgm_module_name(module: str, layout: SgmLayout) -> str:
         kind, layer, rest = match.groups()
         sub, inner = _inner(kind, rest, module)
         # sgm's middle block is [ResBlock, transformer, ResBlock].
-        position = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}.get((kind, layer))
+        position = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}.get(
+            (kind, layer)
+        )
         if position is None:
-            raise UserError(f"LoRA module '{module}' has no counterpart in the original SDXL layout.")
+            raise UserError(
+                f"LoRA module '{module}' has no counterpart in the original SDXL layout."
+            )
         return f"middle_block.{position}.{inner}"
     if match := _UP.fullmatch(module):
         block, kind, layer, rest = match.groups()

@@ -93,7 +93,21 @@ def detect_format(keys: list[str], path: Path) -> str:
     )
 
 
-def _split_peft_keys(tensors: Mapping[str, torch.Tensor], prefix: str, path: Path) -> dict[str, dict]:
+def peek_format(path: Path) -> str:
+    """The format from the file's keys alone (no tensors read): a quick check before big loads."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        raise UserError(f"'{path}' is not a readable safetensors file: {exc}.") from exc
+    return detect_format(keys, path)
+
+
+def _split_peft_keys(
+    tensors: Mapping[str, torch.Tensor], prefix: str, path: Path
+) -> dict[str, dict]:
     """``<prefix><module>.lora_A.weight`` etc. -> {module: {"A": t, "B": t, "alpha": x}}."""
     parts: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
@@ -129,7 +143,9 @@ def _peft_alpha(config: Mapping[str, Any], module: str, rank: int) -> float:
     return alpha
 
 
-def _modules_from_peft(parts: dict[str, dict], config: Mapping[str, Any] | None, path: Path) -> dict:
+def _modules_from_peft(
+    parts: dict[str, dict], config: Mapping[str, Any] | None, path: Path
+) -> dict:
     modules = {}
     for name, slots in parts.items():
         if "A" not in slots or "B" not in slots:
@@ -169,7 +185,9 @@ def _peft_file_config(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]
     )
 
 
-def _modules_from_kohya(tensors: Mapping[str, torch.Tensor], lookup: Mapping[str, str], path: Path) -> dict:
+def _modules_from_kohya(
+    tensors: Mapping[str, torch.Tensor], lookup: Mapping[str, str], path: Path
+) -> dict:
     parts: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         name, _, suffix = key.partition(".")

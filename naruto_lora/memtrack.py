@@ -33,6 +33,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 # The CUDA caching allocator hands out blocks in multiples of 512 bytes.
 CUDA_BLOCK_BYTES = 512
 GIB = 1024**3
+# Storages under a label with this prefix are tracked but live in host memory, not the device's
+# (e.g. EMA weights kept on the CPU): they do not count toward the total.
+HOST_PREFIX = "host:"
 
 
 def _rounded(nbytes: int, block: int) -> int:
@@ -72,13 +75,20 @@ class AllocationTracker(TorchDispatchMode):
 
     def _add(self, label: str, nbytes: int) -> None:
         self.live[label] += nbytes
+        if label.startswith(HOST_PREFIX):
+            return
         self.total += nbytes
         if self.total > self.peak.total_bytes:
-            self.peak = Peak(self.total, {k: v for k, v in self.live.items() if v}, self.phase)
+            self.peak = Peak(self.total, self.device_split(), self.phase)
 
     def _remove(self, label: str, nbytes: int) -> None:
         self.live[label] -= nbytes
-        self.total -= nbytes
+        if not label.startswith(HOST_PREFIX):
+            self.total -= nbytes
+
+    def device_split(self) -> dict[str, int]:
+        """Live bytes by label, device labels only."""
+        return {k: v for k, v in self.live.items() if v and not k.startswith(HOST_PREFIX)}
 
     def _released(self, key: int, info: list) -> None:
         self._refs.pop(key, None)
@@ -120,7 +130,7 @@ class AllocationTracker(TorchDispatchMode):
                 self._add(label, info[1])
 
     def reset_peak(self) -> None:
-        self.peak = Peak(self.total, {k: v for k, v in self.live.items() if v}, self.phase)
+        self.peak = Peak(self.total, self.device_split(), self.phase)
 
     @contextlib.contextmanager
     def labelled(self, label: str) -> Iterator[None]:
@@ -142,6 +152,10 @@ class AllocationTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # Views and metadata queries (most dispatched calls: .device alone is a third of them
+        # on fake tensors) never allocate; skipping them keeps tracking cheap.
+        if func.is_view or func.namespace == "prim":
+            return out
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
                 self.track(leaf)

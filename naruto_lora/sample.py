@@ -13,12 +13,14 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from naruto_lora.errors import UserError
-from naruto_lora.lora_weights import LoraWeights
+
+if TYPE_CHECKING:
+    import torch
+
+    from naruto_lora.lora_weights import LoraWeights
 
 ADAPTER = "nlora"
 DEFAULT_SCALES = (0.0, 0.7, 1.0, 1.5)
@@ -58,8 +60,10 @@ class SampleOptions:
             if size is not None and (size < 8 or size % 8):
                 raise UserError(f"{flag} {size} must be a positive multiple of 8.")
         if self.scheduler not in SCHEDULER_NAMES:
-            raise UserError(f"Unknown scheduler '{self.scheduler}'.",
-                            hint=f"Choose one of: {', '.join(SCHEDULER_NAMES)}.")
+            raise UserError(
+                f"Unknown scheduler '{self.scheduler}'.",
+                hint=f"Choose one of: {', '.join(SCHEDULER_NAMES)}.",
+            )
 
 
 @dataclass
@@ -69,7 +73,6 @@ class Sampler:
     pipe: Any
     model: str
     lora: LoraWeights | None
-    low_vram: bool = False
 
     def size(self, options: SampleOptions) -> tuple[int, int]:
         """(width, height): the options', or the model's default (UNet sample size x VAE factor)."""
@@ -82,6 +85,8 @@ class Sampler:
 
 def pick_device_dtype(dtype_name: str) -> tuple[torch.device, torch.dtype]:
     """CUDA in fp16 when there is a GPU, else the CPU in fp32; ``dtype_name`` overrides."""
+    import torch
+
     from naruto_lora.models import DTYPES
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,14 +105,24 @@ def load_pipeline(model_cfg: Any, dtype: torch.dtype, profile: Any | None = None
 
     unet = load_unet(model_cfg, dtype)  # also checks that the model is SDXL-shaped
     vae = load_vae(model_cfg, dtype)
-    pipe = _load(StableDiffusionXLPipeline, resolve_model(model_cfg.pretrained), "SDXL pipeline",
-                 unet=unet, vae=vae, torch_dtype=dtype, add_watermarker=False, **_common(model_cfg))
+    pipe = _load(
+        StableDiffusionXLPipeline,
+        resolve_model(model_cfg.pretrained),
+        "SDXL pipeline",
+        unet=unet,
+        vae=vae,
+        torch_dtype=dtype,
+        add_watermarker=False,
+        **_common(model_cfg),
+    )
     pipe.set_progress_bar_config(disable=True)  # our own bar covers images and steps
     if profile is not None:
         from naruto_lora.plugins import build_plugin_manager
 
         # Plugins that change the UNet for sampling too (attention processors) do it here.
-        build_plugin_manager(profile).hook.nlora_prepare_unet(unet=unet, profile=profile, training=False)
+        build_plugin_manager(profile).hook.nlora_prepare_unet(
+            unet=unet, profile=profile, training=False
+        )
     return pipe
 
 
@@ -162,9 +177,16 @@ def place(pipe: Any, device: torch.device, low_vram: bool) -> list[str]:
     return notes
 
 
-def generate(sampler: Sampler, prompt: str, options: SampleOptions, seed: int,
-             on_step: Callable[[], None] | None = None):
+def generate(
+    sampler: Sampler,
+    prompt: str,
+    options: SampleOptions,
+    seed: int,
+    on_step: Callable[[], None] | None = None,
+):
     """One image; the generator lives on the CPU so a seed means the same noise everywhere."""
+    import torch
+
     width, height = sampler.size(options)
 
     def step_end(pipe, step, timestep, callback_kwargs):
@@ -201,7 +223,9 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> tuple[str,
             lines = path.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             raise UserError(f"Cannot read --prompts file '{path}': {exc.strerror or exc}.") from exc
-        found += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        found += [
+            line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")
+        ]
     return tuple(found)
 
 
@@ -209,8 +233,10 @@ def output_paths(out: Path, names: list[str]) -> list[Path]:
     """A ``.png`` path takes exactly one image; anything else is a folder for all of them."""
     if out.suffix.lower() == ".png":
         if len(names) != 1:
-            raise UserError(f"--out '{out}' names one file, but {len(names)} images will be written.",
-                            hint="Give a folder for --out.")
+            raise UserError(
+                f"--out '{out}' names one file, but {len(names)} images will be written.",
+                hint="Give a folder for --out.",
+            )
         return [out]
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' is a file, not a folder.")
@@ -246,8 +272,9 @@ def save_png(image: Any, path: Path, fields: dict[str, Any]) -> None:
         image.save(tmp, format="PNG", pnginfo=png_info(fields))
 
 
-def image_fields(sampler: Sampler, options: SampleOptions, prompt: str, seed: int,
-                 scale: float | str) -> dict[str, Any]:
+def image_fields(
+    sampler: Sampler, options: SampleOptions, prompt: str, seed: int, scale: float | str
+) -> dict[str, Any]:
     from naruto_lora import __version__
 
     width, height = sampler.size(options)
@@ -270,15 +297,18 @@ def image_fields(sampler: Sampler, options: SampleOptions, prompt: str, seed: in
 
 
 class _Bars:
-    """Two bars: images done, and the steps of the image in progress."""
+    """One bar over every step of every image (so the ETA covers the whole run), its label
+    counting the images."""
 
     def __init__(self, images: int, steps: int):
         from naruto_lora.console import progress
 
-        self.steps = steps
+        self.images, self.done = images, 0
         self.bar = progress("step")
-        self.images_task = self.bar.add_task("images", total=images)
-        self.steps_task = self.bar.add_task("steps", total=steps)
+        self.task = self.bar.add_task(self._label(), total=images * steps)
+
+    def _label(self) -> str:
+        return f"image {min(self.done + 1, self.images)}/{self.images}"
 
     def __enter__(self) -> _Bars:
         self.bar.__enter__()
@@ -288,28 +318,35 @@ class _Bars:
         self.bar.__exit__(*exc)
 
     def step(self) -> None:
-        self.bar.advance(self.steps_task)
+        self.bar.advance(self.task)
 
     def image_done(self) -> None:
-        self.bar.advance(self.images_task)
-        self.bar.reset(self.steps_task, total=self.steps)
+        self.done += 1
+        self.bar.update(self.task, description=self._label())
 
 
 def plan_images(options: SampleOptions, out: Path) -> list[tuple[str, int, Path]]:
     """(prompt, seed, file) for every image of a plain run, checked before anything loads."""
-    jobs = [(i, prompt, options.seed + j) for i, prompt in enumerate(options.prompts)
-            for j in range(options.num_images)]
+    jobs = [
+        (i, prompt, options.seed + j)
+        for i, prompt in enumerate(options.prompts)
+        for j in range(options.num_images)
+    ]
     names = [f"{i:02d}-{slug(prompt)}-{seed}.png" for i, prompt, seed in jobs]
-    return [(prompt, seed, path) for (_, prompt, seed), path in zip(jobs, output_paths(out, names))]
+    return [
+        (prompt, seed, path)
+        for (_, prompt, seed), path in zip(jobs, output_paths(out, names), strict=True)
+    ]
 
 
 def plan_grids(options: SampleOptions, out: Path) -> list[tuple[str, Path]]:
     names = [f"compare-{i:02d}-{slug(prompt)}.png" for i, prompt in enumerate(options.prompts)]
-    return list(zip(options.prompts, output_paths(out, names)))
+    return list(zip(options.prompts, output_paths(out, names), strict=True))
 
 
-def run_images(sampler: Sampler, options: SampleOptions, scale: float,
-               plan: list[tuple[str, int, Path]]) -> list[Path]:
+def run_images(
+    sampler: Sampler, options: SampleOptions, scale: float, plan: list[tuple[str, int, Path]]
+) -> list[Path]:
     with _Bars(len(plan), options.steps) as bars:
         for prompt, seed, path in plan:
             image = generate(sampler, prompt, options, seed, on_step=bars.step)
@@ -322,8 +359,9 @@ def scale_label(scale: float) -> str:
     return "base (scale 0)" if scale == 0 else f"LoRA x{scale:g}"
 
 
-def run_grids(sampler: Sampler, options: SampleOptions, scales: Sequence[float],
-              plan: list[tuple[str, Path]]) -> list[Path]:
+def run_grids(
+    sampler: Sampler, options: SampleOptions, scales: Sequence[float], plan: list[tuple[str, Path]]
+) -> list[Path]:
     """One grid per prompt: a row per seed, a column per scale, all with the same seeds."""
     import json
 
@@ -340,9 +378,12 @@ def run_grids(sampler: Sampler, options: SampleOptions, scales: Sequence[float],
                     row.append(generate(sampler, prompt, options, seed, on_step=bars.step))
                     bars.image_done()
                 rows.append(row)
-            grid = make_grid(rows, [scale_label(s) for s in scales], [f"seed {s}" for s in seeds],
-                             title=prompt)
-            fields = image_fields(sampler, options, prompt, seeds[0], ",".join(f"{s:g}" for s in scales))
+            grid = make_grid(
+                rows, [scale_label(s) for s in scales], [f"seed {s}" for s in seeds], title=prompt
+            )
+            fields = image_fields(
+                sampler, options, prompt, seeds[0], ",".join(f"{s:g}" for s in scales)
+            )
             fields.update(seeds=",".join(map(str, seeds)), grid_cells=json.dumps(grid.boxes))
             save_png(grid.image, path, fields)
     return [path for _, path in plan]
@@ -352,30 +393,46 @@ def parse_scales(text: str) -> tuple[float, ...]:
     try:
         scales = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError as exc:
-        raise UserError(f"--scales '{text}' must be numbers separated by commas, e.g. 0,0.7,1,1.5.") from exc
+        raise UserError(
+            f"--scales '{text}' must be numbers separated by commas, e.g. 0,0.7,1,1.5."
+        ) from exc
     if not scales:
         raise UserError("--scales is empty; give e.g. 0,0.7,1,1.5.")
     return scales
 
 
-def sample(*, lora_file: Path, model_cfg: Any, profile: Any | None, options: SampleOptions,
-           out: Path, scale: float = 1.0, compare: bool = False,
-           scales: Sequence[float] = DEFAULT_SCALES, low_vram: bool = False,
-           dtype_name: str = "auto") -> list[Path]:
+def sample(
+    *,
+    lora_file: Path,
+    model_cfg: Any,
+    profile: Any | None,
+    options: SampleOptions,
+    out: Path,
+    scale: float = 1.0,
+    compare: bool = False,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    low_vram: bool = False,
+    dtype_name: str = "auto",
+) -> list[Path]:
     """Load the base pipeline and the LoRA, then write the images (or comparison grids)."""
+    from rich.markup import escape
+
     from naruto_lora.console import console
-    from naruto_lora.lora_weights import read_lora
+    from naruto_lora.lora_weights import peek_format, read_lora
 
     options.validate()
     device, dtype = pick_device_dtype(dtype_name)
     plan = plan_grids(options, out) if compare else plan_images(options, out)
-    console.print(f"Loading [bold]{model_cfg.pretrained}[/] ({str(dtype).removeprefix('torch.')}, "
-                  f"{device.type}) and the LoRA {lora_file}")
+    peek_format(lora_file)  # a wrong file fails now, not after loading the model
+    console.print(
+        f"Loading [bold]{escape(model_cfg.pretrained)}[/] ({str(dtype).removeprefix('torch.')}, "
+        f"{device.type}) and the LoRA {escape(str(lora_file))}"
+    )
     pipe = load_pipeline(model_cfg, dtype, profile)
     weights = read_lora(lora_file, pipe.unet)
     set_scheduler(pipe, options.scheduler)
     model = model_cfg.pretrained + (f" + VAE {model_cfg.vae}" if model_cfg.vae else "")
-    sampler = Sampler(pipe=pipe, model=model, lora=weights, low_vram=low_vram)
+    sampler = Sampler(pipe=pipe, model=model, lora=weights)
     if compare:
         attach_lora(pipe, weights)
     else:

@@ -101,8 +101,13 @@ def is_held_out(scene: Scene) -> bool:
     return (scene.colour, scene.shape, scene.position) in HELD_OUT
 
 
-def draw(scene: Scene, styled: bool = False, size: int = RESOLUTION, jitter: random.Random | None = None):
-    """One scene as a PIL image; ``jitter`` moves and resizes the shape a little."""
+def draw(scene: Scene, styled: bool = False, size: int = RESOLUTION, jitter: random.Random | None = None,
+         palette: dict | None = None):
+    """One scene as a PIL image; ``jitter`` moves and resizes the shape a little.
+
+    ``palette`` overrides the look (keys ``background``, ``fill``, ``outline``, ``width`` as a
+    fraction of the side): the base's VAE learns from arbitrary looks, not just the plain one.
+    """
     from PIL import Image, ImageDraw
 
     big = size * _SUPERSAMPLE
@@ -112,14 +117,19 @@ def draw(scene: Scene, styled: bool = False, size: int = RESOLUTION, jitter: ran
                       jitter.uniform(-0.02, 0.02))
     cx, cy = (_CENTRE_X[scene.position] + dx) * big, (0.5 + dy) * big
     r = (_RADIUS[scene.size] + dr) * big
-    image = Image.new("RGB", (big, big), STYLE_BACKGROUND if styled else PLAIN_BACKGROUND)
+    look = {"background": PLAIN_BACKGROUND, "fill": COLOURS[scene.colour]}
+    if styled:
+        # The style: an orange background, thick black ink (1/20 of the side: 3 px at 64 px).
+        look.update(background=STYLE_BACKGROUND, outline=STYLE_INK, width=1 / 20)
+    look.update(palette or {})
+    image = Image.new("RGB", (big, big), tuple(look["background"]))
     pen = ImageDraw.Draw(image)
-    fill = COLOURS[scene.colour]
-    # The style's outline: thick black ink, 1/20 of the image side (3 px at 64 px).
-    ink = {"outline": STYLE_INK, "width": round(big / 20)} if styled else {}
-    box = (cx - r, cy - r, cx + r, cy + r)
+    ink = {}
+    if look.get("outline") is not None and look.get("width", 0) > 0:
+        ink = {"outline": tuple(look["outline"]), "width": max(1, round(big * look["width"]))}
+    fill = tuple(look["fill"])
     if scene.shape == "circle":
-        pen.ellipse(box, fill=fill, **ink)
+        pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill, **ink)
     elif scene.shape == "square":
         r *= 0.9  # a square of the same "radius" looks bigger than the circle
         pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill, **ink)
@@ -127,6 +137,21 @@ def draw(scene: Scene, styled: bool = False, size: int = RESOLUTION, jitter: ran
         r *= 1.15  # and a triangle looks smaller
         pen.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill, **ink)
     return image.resize((size, size), Image.Resampling.BOX)
+
+
+def random_look_scenes(count: int, seed: int = 0) -> list:
+    """Scenes in random looks (any background, fill and outline colour, outline width 0..1/12):
+    what the toy base's VAE learns to reconstruct besides the plain scenes, so that it can encode
+    styles it never saw, as SDXL's VAE can."""
+    rng = random.Random(seed)
+    scenes = all_scenes()
+    images = []
+    for _ in range(count):
+        colour = lambda: tuple(rng.randrange(256) for _ in range(3))  # noqa: E731
+        look = {"background": colour(), "fill": colour(), "outline": colour(),
+                "width": rng.choice([0.0, rng.uniform(0.015, 0.085)])}
+        images.append(draw(rng.choice(scenes), jitter=rng, palette=look))
+    return images
 
 
 def plain_scenes(per_scene: int, seed: int = 0) -> list[tuple[Scene, object]]:

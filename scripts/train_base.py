@@ -71,12 +71,19 @@ def build_vae():
     from diffusers import AutoencoderKL
 
     # Three blocks: downscale factor 2 ** (3 - 1) = 4. No mid-block attention: flat shapes need none.
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=toy.RESOLUTION,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
         mid_block_add_attention=False, scaling_factor=1.0, force_upcast=False,
     )
+    # Start the posterior's log-variance at -8 (std 0.02), not 0: with unit noise on the latents
+    # a short training run only learns blurry masks and loses the colours.
+    with torch.no_grad():
+        half = vae.config.latent_channels
+        vae.encoder.conv_out.weight[half:] *= 0.01
+        vae.encoder.conv_out.bias[half:] = -8.0
+    return vae
 
 
 def build_unet(cross_attention_dim: int, pooled_dim: int, latent_size: int):
@@ -110,8 +117,9 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, lr: float, log)
         x = pixels[idx]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
-        # L1 keeps flat colours and edges sharp; a tiny KL keeps the latent space smooth (SD's VAE).
-        loss = F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        # L1 keeps flat colours and edges sharp, MSE punishes a wrong colour; a tiny KL keeps the
+        # latent space near the origin (as SD's VAE).
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -239,6 +247,7 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-scene", type=int, default=12, help="plain drawings per scene")
     parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--vae-only", action="store_true", help="stop after the VAE (trials)")
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--unet-steps", type=int, default=2500)
@@ -273,16 +282,24 @@ def main() -> None:
     tokenizers, encoders = text_encoders(args.seed)
     torch.manual_seed(args.seed + 1)
     vae = build_vae()
-    train_vae(vae, pixels, args.vae_steps, args.vae_batch, args.vae_lr, log)
+    # The VAE also sees scenes in random looks, so it can encode styles it never saw.
+    vae_pixels = torch.cat([pixels, image_tensor(toy.random_look_scenes(len(pixels), args.seed))])
+    train_vae(vae, vae_pixels, args.vae_steps, args.vae_batch, args.vae_lr, log)
     raw = encode_latents(vae, pixels)
     # As Stable Diffusion: scale latents to unit variance so the noise schedule fits them.
     vae.register_to_config(scaling_factor=round(1.0 / raw.std().item(), 4))
     latents = raw * vae.config.scaling_factor
+    styled = image_tensor([toy.draw(scene, styled=True) for scene in toy.all_scenes()[:64]])
     with torch.no_grad():
         recon = vae.decode(raw[:64]).sample
-    log(f"vae recon l1 {F.l1_loss(recon, pixels[:64]).item():.4f}; "
+        recon_styled = vae.decode(encode_latents(vae, styled)).sample
+    log(f"vae recon l1 plain {F.l1_loss(recon, pixels[:64]).item():.4f}, styled (unseen) "
+        f"{F.l1_loss(recon_styled, styled).item():.4f}; "
         f"scaling_factor {vae.config.scaling_factor}; latents {tuple(latents.shape)}")
 
+    if args.vae_only:
+        vae.save_pretrained(args.work / "vae")
+        return
     embeds, pooled = encode_captions(tokenizers, encoders, captions)
     torch.manual_seed(args.seed + 2)
     unet = build_unet(embeds.shape[-1], pooled.shape[-1], latents.shape[-1])

@@ -15,20 +15,38 @@ from naruto_lora.profile import LoraConfig, load_profile
 
 # Attention projections plus ResBlock convs (3x3 and 1x1), a time-embedding Linear, a transformer
 # projection and the feed-forward output: every kind of layer the kohya mapping has to name.
-WIDE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "conv_shortcut",
-                "time_emb_proj")
+WIDE_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "ff.net.2",
+    "conv1",
+    "conv_shortcut",
+    "time_emb_proj",
+)
 
 
-def lora_unet(model_dir: Path, rank: int = 4, alpha: float = 2.0, targets=WIDE_TARGETS,
-              seed: int = 0, strength: float = 0.5):
-    """The tiny UNet with an injected LoRA whose lora_B weights are random (seeded)."""
+def lora_unet(
+    model_dir: Path,
+    rank: int = 4,
+    alpha: float = 2.0,
+    targets=WIDE_TARGETS,
+    seed: int = 0,
+    strength: float = 0.05,
+):
+    """The tiny UNet with an injected LoRA: lora_A as peft initialises it, lora_B random with std
+    ``strength`` (lora_B starts at zero in training; non-zero here so the LoRA changes the output,
+    by about half the output's range at 0.05, a realistic trained strength)."""
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    torch.manual_seed(seed)  # peft draws lora_A from the global generator
     lora.inject_lora(unet, LoraConfig(rank=rank, alpha=alpha, target_modules=tuple(targets)))
     generator = torch.Generator().manual_seed(seed)
     for name, param in unet.named_parameters():
-        if "lora_B" in name or "lora_A" in name:
+        if "lora_B" in name:
             param.data = torch.randn(param.shape, generator=generator) * strength
     return unet
 
@@ -47,23 +65,47 @@ def training_metadata(steps: int = 40, rank: int = 4, alpha: float = 2.0) -> dic
     }
 
 
-def make_output(folder: Path, model_dir: Path, rank: int = 4, alpha: float = 2.0,
-                targets=WIDE_TARGETS, ema: bool = False, seed: int = 0,
-                strength: float = 0.5, checkpoint_step: int | None = None) -> Path:
+def make_output(
+    folder: Path,
+    model_dir: Path,
+    rank: int = 4,
+    alpha: float = 2.0,
+    targets=WIDE_TARGETS,
+    ema: bool = False,
+    seed: int = 0,
+    strength: float = 0.05,
+    checkpoint_step: int | None = None,
+) -> Path:
     """A training output folder: weights, the resolved profile, optionally EMA weights (a
     different random LoRA of the same shape) and a checkpoint."""
     unet = lora_unet(model_dir, rank, alpha, targets, seed, strength)
     meta = lora.adapter_metadata(unet)
-    lora.save_lora(folder, lora.lora_state_dict(unet), meta, training_metadata(rank=rank, alpha=alpha))
+    lora.save_lora(
+        folder, lora.lora_state_dict(unet), meta, training_metadata(rank=rank, alpha=alpha)
+    )
     if ema:
         ema_unet = lora_unet(model_dir, rank, alpha, targets, seed + 1000, strength)
-        lora.save_lora(folder / EMA_SUBFOLDER, lora.lora_state_dict(ema_unet), meta,
-                       training_metadata(rank=rank, alpha=alpha))
+        lora.save_lora(
+            folder / EMA_SUBFOLDER,
+            lora.lora_state_dict(ema_unet),
+            meta,
+            training_metadata(rank=rank, alpha=alpha),
+        )
     if checkpoint_step is not None:
         step_dir = folder / "checkpoints" / f"step-{checkpoint_step}"
-        lora.save_lora(step_dir, lora.lora_state_dict(unet), meta, training_metadata(rank=rank, alpha=alpha))
-    profile = load_profile("tiny", overrides=[f"model.pretrained={str(model_dir)!r}",
-                                              f"lora.rank={rank}", f"lora.alpha={alpha}"])
-    profile = dataclasses.replace(profile, lora=dataclasses.replace(profile.lora, target_modules=tuple(targets)))
+        lora.save_lora(
+            step_dir, lora.lora_state_dict(unet), meta, training_metadata(rank=rank, alpha=alpha)
+        )
+    profile = load_profile(
+        "tiny",
+        overrides=[
+            f"model.pretrained={str(model_dir)!r}",
+            f"lora.rank={rank}",
+            f"lora.alpha={alpha}",
+        ],
+    )
+    profile = dataclasses.replace(
+        profile, lora=dataclasses.replace(profile.lora, target_modules=tuple(targets))
+    )
     (folder / "profile.toml").write_text(profile.to_toml())
     return folder / WEIGHT_NAME

@@ -29,8 +29,9 @@ def test_style_score_separates_plain_from_styled_scenes() -> None:
     assert max(plain) < 0.05
     assert min(styled) > 0.6
     # The ink alone (outlines) also separates them: plain scenes have none.
-    assert all(style.style_components(toy.draw(s, styled=True))["ink_share"] > 0.02
-               for s in _scenes(7))
+    assert all(
+        style.style_components(toy.draw(s, styled=True))["ink_share"] > 0.02 for s in _scenes(7)
+    )
 
 
 @pytest.mark.parametrize("styled", [False, True])

@@ -9,6 +9,7 @@ describes complete shards only: a re-run resumes from the last shard written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -186,20 +187,15 @@ def _repack(folder: Path, index: Index, buffer: _ShardBuffer, live: set[str]) ->
     for entry in index.entries.values():
         counts[entry.shard] = counts.get(entry.shard, 0) + 1
     moved = 0
-    for name, info in list(index.shards.items()):
-        if counts.get(name, 0) in (0, info["count"]):
+    for shard, info in list(index.shards.items()):
+        if counts.get(shard, 0) in (0, info["count"]):
             continue
-        reader = ShardReader(folder / manifest.SHARDS / name)
-        prefix_of = {e.slot: k for k, e in index.entries.items() if e.shard == name}
-        for slot, key in sorted(prefix_of.items()):
+        reader = ShardReader(folder / manifest.SHARDS / shard)
+        keys = sorted((e.slot, k) for k, e in index.entries.items() if e.shard == shard)
+        for slot, key in keys:
             entry = index.entries[key]
-            tensors = {
-                tname.split(".", 1)[1]: reader.get(tname).clone()
-                for tname in reader.keys()
-                if tname.startswith(f"{slot:06d}.")
-            }
-            planned = Planned(key, entry.fingerprint, entry.meta, None, None)
-            buffer.add(planned, tensors)
+            tensors = {tname: t.clone() for tname, t in reader.slot(slot).items()}
+            buffer.add(Planned(key, entry.fingerprint, entry.meta, None, None), tensors)
             moved += 1
     return moved
 
@@ -233,17 +229,34 @@ def sync_cache(
     UserError naming what is missing, stale or corrupt and ``command`` to build it."""
     started = time.perf_counter()
     report = BuildReport(kind=kind, folder=folder, planned=len(planned))
-    with manifest.build_lock(folder):
+    # A check (auto=False) of a cache that does not exist must not create its folder.
+    lock = manifest.build_lock(folder) if auto or folder.is_dir() else contextlib.nullcontext()
+    with lock:
         state = assess(folder, kind, planned)
         report.corrupt, report.reused = state.corrupt, len(state.valid)
-        failures = {p.key: state.index.failed[p.key]["reason"] for p in planned
-                    if p.key in state.known_failed}
+        failures = {
+            p.key: state.index.failed[p.key]["reason"]
+            for p in planned
+            if p.key in state.known_failed
+        }
         if not auto and state.problems():
             raise manifest.missing_cache_error(kind, folder, state.problems(), command)
         if auto:
-            report.removed = sum(1 for k in state.index.entries if k not in {p.key for p in planned})
-            _build(folder, common, planned, state, make_encoder, batch_size, shard_items, unit,
-                   report, failures)
+            report.removed = sum(
+                1 for k in state.index.entries if k not in {p.key for p in planned}
+            )
+            _build(
+                folder,
+                common,
+                planned,
+                state,
+                make_encoder,
+                batch_size,
+                shard_items,
+                unit,
+                report,
+                failures,
+            )
         by_key = {p.key: p for p in planned}
         report.skipped = skipped + [skipped_of(by_key[k], reason) for k, reason in failures.items()]
         if auto:

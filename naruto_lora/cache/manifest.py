@@ -176,7 +176,7 @@ def _local_signature(folder: Path) -> str:
         if path.is_file() and not path.name.startswith("."):
             stat = path.stat()
             rows.append([path.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime_ns])
-    return "local:" + fingerprint({"files": rows})
+    return fingerprint({"files": rows})
 
 
 def _hub_commit(model_id: str, subfolder: str, revision: str) -> str | None:
@@ -199,7 +199,8 @@ def component_revision(resolved: str, model_id: str, subfolders: list[str], revi
     path = Path(resolved)
     if path.is_dir():
         parts = [path / sub if sub else path for sub in subfolders]
-        return fingerprint({sub: _local_signature(p) for sub, p in zip(subfolders, parts, strict=True)})
+        signatures = {sub: _local_signature(p) for sub, p in zip(subfolders, parts, strict=True)}
+        return "local:" + fingerprint(signatures)
     commits = {_hub_commit(model_id, sub, revision) for sub in subfolders}
     if len(commits) == 1 and None not in commits:
         return f"hub:{commits.pop()}"
@@ -207,7 +208,9 @@ def component_revision(resolved: str, model_id: str, subfolders: list[str], revi
 
 
 def missing_cache_error(kind: str, folder: Path, problems: list[str], command: str) -> UserError:
-    shown = "; ".join(problems[:4]) + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else "")
+    shown = "; ".join(problems[:4]) + (
+        f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+    )
     return UserError(
         f"The {kind} cache '{folder}' is not ready for this profile: {shown}.",
         hint=f"Build it with `{command}` using the same profile options "

@@ -99,8 +99,13 @@ class ShardReader:
                 raise CorruptShard(f"{self.path.name}: tensor '{name}' has a bad dtype or offsets")
             self._entries[name] = (dtype, info["shape"], data_start + start, end - start)
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         return list(self._entries)
+
+    def slot(self, slot: int) -> dict[str, torch.Tensor]:
+        """The tensors of one entry (named ``{slot:06d}.{name}`` in the file), as views."""
+        prefix = f"{slot:06d}."
+        return {n[len(prefix) :]: self.get(n) for n in self._entries if n.startswith(prefix)}
 
     def get(self, name: str) -> torch.Tensor:
         dtype, shape, offset, nbytes = self._entries[name]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from naruto_lora.train.finish import TrainResult
-    from naruto_lora.train.setup import TrainOptions
+    from naruto_lora.train.run import TrainOptions
 
 __all__ = ["TrainOptions", "TrainResult", "train"]
 
@@ -22,7 +22,7 @@ def __getattr__(name: str) -> Any:
 
         return train
     if name == "TrainOptions":
-        from naruto_lora.train.setup import TrainOptions
+        from naruto_lora.train.run import TrainOptions
 
         return TrainOptions
     if name == "TrainResult":

@@ -19,6 +19,7 @@ class RunSummary:
     final_loss: float | None
     train_s: float
     device: str
+    precision: str  # what the frozen weights ran in: fp32, fp16, bf16
     sample_grid: str | None  # relative to the output folder
     has_ema: bool
 
@@ -48,11 +49,15 @@ def _training_rows(profile: Any, run: RunSummary) -> list[tuple[str, Any]]:
             "learning rate",
             f"{train.learning_rate:g}, {train.lr_scheduler}, {train.lr_warmup_steps} warm-up steps",
         ),
-        ("precision", f"{train.mixed_precision} on {run.device}"),
+        ("precision", f"{run.precision} on {run.device} (LoRA weights in fp32)"),
         ("plugins", ", ".join(profile.enabled_plugins()) or "none"),
         ("final loss (smoothed)", loss),
-        ("training time", f"{run.train_s / 60:.1f} min"),
+        ("training time", _duration(run.train_s)),
     ]
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _usage(profile: Any, output_dir: Path, has_ema: bool) -> str:

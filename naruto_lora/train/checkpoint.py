@@ -140,9 +140,10 @@ def _trainable(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in unet.named_parameters() if p.requires_grad}
 
 
-def _check_identity(run: Any, path: Path) -> None:
+def check_checkpoint(path: Path, profile: Any) -> None:
+    """A checkpoint of this run: same identity (model, data, LoRA shape, batching, seed)."""
     info = json.loads((path / INFO_NAME).read_text(encoding="utf-8"))
-    differences = identity_differences(info["identity"], run_identity(run.profile.to_dict()))
+    differences = identity_differences(info["identity"], run_identity(profile.to_dict()))
     if differences:
         raise UserError(
             f"Checkpoint '{path}' was written by a different run: {'; '.join(differences)}.",
@@ -166,7 +167,7 @@ def _load_parameters(run: Any, path: Path) -> None:
 def load_checkpoint(run: Any, path: Path) -> None:
     """Restore everything ``save_checkpoint`` wrote; after this the next step is the one the
     checkpointed run would have taken."""
-    _check_identity(run, path)
+    check_checkpoint(path, run.profile)
     _load_parameters(run, path)
     saved = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
     run.optimizer.load_state_dict(saved["optimizer"])

@@ -62,4 +62,4 @@ class Conditioner:
             return batch["prompt_embeds"], batch["pooled_embeds"]
         if self.text_encoders is None:
             raise RuntimeError("batch has no cached text embeddings and no encoders are loaded")
-        return encode_prompts(self.text_encoders, list(batch["captions"]), self.device)
+        return encode_prompts(self.text_encoders, list(batch["caption"]), self.device)

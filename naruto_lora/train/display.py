@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from rich.progress import TextColumn
+from rich.console import RenderableType
+from rich.progress import Progress
+from rich.text import Text
 
 from naruto_lora.console import progress
+
+
+class _ProgressWithStats(Progress):
+    """The shared progress bar (count, rate, ETA) with a line of vital signs under it, so an
+    80-column terminal does not have to squeeze both into one row."""
+
+    stats: str = ""
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield from super().get_renderables()
+        if self.stats:
+            yield Text(self.stats, style="dim")
 
 
 class TrainDisplay:
@@ -16,13 +31,19 @@ class TrainDisplay:
         self.total_steps = total_steps
         self.start_step = start_step
         self.memory_kind = memory_kind
-        self._progress = progress("step", TextColumn("{task.fields[stats]}"))
+        shared = progress("step")  # the project's columns and quiet-mode rules
+        self._progress = _ProgressWithStats(
+            *shared.columns,
+            console=shared.console,
+            disable=shared.disable,
+            transient=shared.live.transient,
+        )
         self._task: Any = None
 
     def __enter__(self) -> TrainDisplay:
         self._progress.start()
         self._task = self._progress.add_task(
-            "train", total=self.total_steps, completed=self.start_step, stats=""
+            "train", total=self.total_steps, completed=self.start_step
         )
         return self
 
@@ -30,12 +51,8 @@ class TrainDisplay:
         self._progress.stop()
 
     def update(self, step: int, epoch: int, loss: float, lr: float, peak_gib: float) -> None:
-        stats = (
-            f"epoch {epoch + 1}  loss {loss:.4f}  lr {lr:.2e}  "
+        self._progress.stats = (
+            f"  epoch {epoch + 1}   loss {loss:.4f} (smoothed)   lr {lr:.2e}   "
             f"peak {self.memory_kind} {peak_gib:.2f} GiB"
         )
-        self._progress.update(self._task, completed=step, stats=stats)
-
-    def note(self, message: str) -> None:
-        """Print above the bar without breaking it."""
-        self._progress.console.print(message, soft_wrap=True)
+        self._progress.update(self._task, completed=step)

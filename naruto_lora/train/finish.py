@@ -108,6 +108,9 @@ def _summary(run: Any, weights: dict[str, Any]) -> RunSummary:
         final_loss=None if math.isnan(run.smoothed_loss.value) else run.smoothed_loss.value,
         train_s=run.train_s,
         device=str(run.state.device),
+        precision={"no": "fp32"}.get(
+            run.accelerator.mixed_precision, run.accelerator.mixed_precision
+        ),
         sample_grid=_latest_grid(run.state.output_dir),
         has_ema=EMA_SUBFOLDER in weights,
     )

@@ -137,11 +137,12 @@ def oom_advice(profile: Any, peak_gib: float, total_gib: float | None) -> tuple[
 
 
 @contextlib.contextmanager
-def explain_out_of_memory(profile: Any, device: torch.device) -> Iterator[None]:
+def explain_out_of_memory(profile: Any) -> Iterator[None]:
     """Turn CUDA out-of-memory into a UserError with the peak memory and what would fit."""
     try:
         yield
     except torch.cuda.OutOfMemoryError as exc:
+        device = torch.cuda.current_device()
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         total = torch.cuda.get_device_properties(device).total_memory / 2**30
         torch.cuda.empty_cache()

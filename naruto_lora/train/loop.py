@@ -8,6 +8,7 @@ state, the weights validation uses and the weights written at the end are all ho
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import torch
 
 from naruto_lora.console import console
 from naruto_lora.profile import Profile
-from naruto_lora.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from naruto_lora.train.checkpoint import load_checkpoint, save_checkpoint
 from naruto_lora.train.display import TrainDisplay
 from naruto_lora.train.finish import TrainResult, finish, interrupted
 from naruto_lora.train.guard import StopRequest, explain_out_of_memory, stop_on_signals
@@ -28,7 +29,8 @@ from naruto_lora.train.objective import (
     prediction_target,
     weighted_loss,
 )
-from naruto_lora.train.setup import DataPosition, Run, TrainOptions, setup_run
+from naruto_lora.train.run import DataPosition, Run, TrainOptions
+from naruto_lora.train.setup import claim_output_folder, setup_run
 
 
 @dataclass
@@ -44,7 +46,7 @@ class Window:
     def record(self, loss: torch.Tensor, batch: dict[str, Any]) -> None:
         value = float(loss.detach())
         self.losses.append(value)
-        captions = batch.get("captions") or [""] * len(batch["index"])
+        captions = batch.get("caption") or [""] * len(batch["index"])
         self.items += [f"#{int(i)} {c!r}" for i, c in zip(batch["index"], captions, strict=True)]
         self.finite = self.finite and math.isfinite(value)
 
@@ -60,8 +62,8 @@ def train(profile: Profile, options: TrainOptions | None = None, pm: Any = None)
     """Train the profile's LoRA; return when done, or when a signal asked to stop (after writing
     a checkpoint). ``pm`` replaces the profile's plugin manager (tests add tracing plugins)."""
     options = options or TrainOptions()
-    run = setup_run(profile, options, pm)
-    with explain_out_of_memory(profile, run.state.device):
+    with explain_out_of_memory(profile):
+        run = setup_run(profile, options, pm)
         start(run)
         with stop_on_signals() as stop:
             display = TrainDisplay(run.total_steps, run.state.global_step, run.memory.kind)
@@ -73,9 +75,11 @@ def train(profile: Profile, options: TrainOptions | None = None, pm: Any = None)
 
 
 def start(run: Run) -> None:
+    if run.is_main:
+        claim_output_folder(run.state.output_dir, run.profile, run.starting_over)
     run.pm.hook.nlora_train_start(state=run.state)
-    if run.options.resume:
-        path = resolve_resume(run.state.output_dir, run.options.resume)
+    if run.resume_from is not None:
+        path = run.resume_from
         load_checkpoint(run, path)
         run.last_checkpoint = path
         if run.is_main:
@@ -96,25 +100,26 @@ def train_loop(run: Run, stop: StopRequest, display: TrainDisplay) -> None:
     if run.state.global_step >= run.total_steps:
         return
     window = Window()
-    for position, batch, wait_s in micro_batches(run):
-        window.data_wait_s += wait_s
-        with run.accelerator.accumulate(run.model):
-            loss = compute_loss(run, batch)
-            window.record(loss, batch)
-            if window.finite:
-                run.accelerator.backward(loss)
-        run.position = position
-        run.state.epoch = position.epoch
-        if not run.accelerator.sync_gradients:
-            continue
-        update = optimizer_update(run, window)
-        if update.applied:
-            run.pm.hook.nlora_after_optimizer_step(state=run.state)
-            log_update(run, window, update, display)
-            once_in_a_while(run)
-        window = Window()
-        if run.state.global_step >= run.total_steps or stop.requested:
-            break
+    # closing(): stopping early also ends the loader's read-ahead thread right away.
+    with contextlib.closing(micro_batches(run)) as batches:
+        for position, batch, wait_s in batches:
+            window.data_wait_s += wait_s
+            with run.accelerator.accumulate(run.model):
+                loss = compute_loss(run, batch)
+                window.record(loss, batch)
+                if window.finite:
+                    run.accelerator.backward(loss)
+            run.position, run.state.epoch = position, position.epoch
+            if not run.accelerator.sync_gradients:
+                continue
+            update = optimizer_update(run, window)
+            if update.applied:
+                run.pm.hook.nlora_after_optimizer_step(state=run.state)
+                log_update(run, window, update, display)
+                once_in_a_while(run)
+            window = Window()
+            if run.state.global_step >= run.total_steps or stop.requested:
+                break
 
 
 def compute_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
@@ -223,7 +228,13 @@ def micro_batches(run: Run) -> Iterator[tuple[DataPosition, dict[str, Any], floa
             num_replicas=run.accelerator.num_processes,
             rank=run.accelerator.process_index,
         )
-        batches = iter(make_loader(run.dataset, sampler, workers=train_cfg.dataloader_workers))
+        loader = make_loader(
+            run.dataset,
+            sampler,
+            workers=train_cfg.dataloader_workers,
+            pin_memory=run.state.device.type == "cuda",
+        )
+        batches = iter(loader)
         while True:
             waited = time.perf_counter()
             batch = next(batches, None)

@@ -7,7 +7,7 @@ may take minutes to build), then models onto the device, optimizer and schedule.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,59 +28,12 @@ from naruto_lora.models import (
 from naruto_lora.profile import Profile, write_resolved
 from naruto_lora.train.conditioning import Conditioner
 from naruto_lora.train.guard import NonFiniteGuard
-from naruto_lora.train.metrics import MetricsLog, PeakMemory, SmoothedValue
+from naruto_lora.train.metrics import MetricsLog, PeakMemory
 from naruto_lora.train.outputs import PROFILE_NAME, check_output_folder, clear_previous_run
+from naruto_lora.train.run import Run, TrainOptions
 from naruto_lora.train.schedule import make_lr_scheduler, make_optimizer, plan_total_steps
 from naruto_lora.train.state import TrainState
 from naruto_lora.train.validation import Validation, encode_validation_prompts
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    resume: str | None = None  # "latest" or a checkpoint folder
-    auto_cache: bool = True  # build missing/stale caches first (False: that is an error)
-    device: str = "auto"  # auto, cpu, cuda, cuda:N
-    tensorboard: bool = False
-
-
-@dataclass
-class DataPosition:
-    """Where the data order stands: ``batch`` micro-batches of ``epoch`` are consumed."""
-
-    epoch: int = 0
-    batch: int = 0
-
-
-@dataclass
-class Run:
-    profile: Profile
-    options: TrainOptions
-    pm: Any
-    accelerator: Any
-    state: TrainState
-    model: torch.nn.Module  # the UNet as accelerate prepared it (what the forward pass calls)
-    optimizer: Any
-    lr_scheduler: Any
-    dataset: Any
-    batches_per_epoch: int
-    total_steps: int
-    conditioner: Conditioner
-    generator: torch.Generator
-    guard: NonFiniteGuard
-    memory: PeakMemory
-    metrics: MetricsLog
-    validation: Validation | None
-    position: DataPosition = field(default_factory=DataPosition)
-    smoothed_loss: SmoothedValue = field(default_factory=SmoothedValue)
-    train_s: float = 0.0  # time spent in steps, summed across resumes
-    last_checkpoint: Path | None = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    def autocast(self) -> Any:
-        return self.accelerator.autocast()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -106,15 +59,13 @@ def precision_for(profile: Profile, device: torch.device) -> tuple[str, torch.dt
     """(accelerate mixed_precision, dtype of the frozen weights): the profile's on a GPU, fp32
     on a CPU, where fp16 kernels are missing or slow."""
     if device.type == "cpu":
-        if profile.train.mixed_precision != "no":
-            console.print(f"[dim]On the CPU: fp32 instead of {profile.train.mixed_precision}.[/]")
         return "no", torch.float32
     return profile.train.mixed_precision, DTYPES[profile.train.mixed_precision]
 
 
 def make_accelerator(profile: Profile, device: torch.device, options: TrainOptions) -> Any:
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, GradientState
 
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
@@ -123,12 +74,15 @@ def make_accelerator(profile: Profile, device: torch.device, options: TrainOptio
             "--tensorboard needs the tensorboard package.",
             hint="pip install 'naruto-lora[tensorboard]' (or tensorboard).",
         )
-    launched = int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not launched:
         # accelerate keeps one process-wide state; a second run in the same process (tests,
         # notebooks) with other settings must start from a clean one.
         AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     mixed_precision, _ = precision_for(profile, device)
+    if mixed_precision != profile.train.mixed_precision:
+        console.print(f"[dim]On the CPU: fp32 instead of {profile.train.mixed_precision}.[/]")
     output_dir = Path(profile.train.output_dir)
     return Accelerator(
         cpu=device.type == "cpu",
@@ -139,19 +93,28 @@ def make_accelerator(profile: Profile, device: torch.device, options: TrainOptio
     )
 
 
-def prepare_output_folder(profile: Profile, options: TrainOptions, is_main: bool) -> Path:
+def check_inputs(profile: Profile, options: TrainOptions) -> tuple[Path, bool, Path | None]:
+    """The output folder rule and the checkpoint to resume from, checked before anything loads:
+    (output folder, whether a finished earlier run is started over, checkpoint or None)."""
+    from naruto_lora.train.checkpoint import check_checkpoint, resolve_resume
+
     output_dir = Path(profile.train.output_dir).expanduser()
     starting_over = check_output_folder(output_dir, profile, options.resume)
-    if is_main:
-        if starting_over:
-            console.print(
-                f"Starting over in [bold]{output_dir}[/] (it held a run of this profile)."
-            )
-            clear_previous_run(output_dir)
-            MetricsLog(output_dir).reset()
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_resolved(profile, output_dir / PROFILE_NAME)
-    return output_dir
+    resume_from = None
+    if options.resume:
+        resume_from = resolve_resume(output_dir, options.resume)
+        check_checkpoint(resume_from, profile)
+    return output_dir, starting_over, resume_from
+
+
+def claim_output_folder(output_dir: Path, profile: Profile, starting_over: bool) -> None:
+    """Once setup has succeeded: clear an earlier run being started over, write profile.toml."""
+    if starting_over:
+        console.print(f"Starting over in [bold]{output_dir}[/] (it held a run of this profile).")
+        clear_previous_run(output_dir)
+        MetricsLog(output_dir).reset()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved(profile, output_dir / PROFILE_NAME)
 
 
 def load_trainable_unet(profile: Profile, pm: Any, weight_dtype: torch.dtype) -> Any:
@@ -182,9 +145,11 @@ def load_dataset(profile: Profile, options: TrainOptions, accelerator: Any) -> t
     latents = None
     if profile.cache.latents:
         latents = ensure_latent_cache(profile, device=device, auto=options.auto_cache)
+        _cache_notice("latent", latents, "nlora cache latents")
     text = None
     if profile.cache.text == "disk":
         text = ensure_text_cache(profile, device=device, auto=options.auto_cache)
+        _cache_notice("text", text, "nlora cache text --to-disk")
     dataset = build_train_dataset(profile, latents, text)
     sampler = make_batch_sampler(
         dataset,
@@ -197,6 +162,16 @@ def load_dataset(profile: Profile, options: TrainOptions, accelerator: Any) -> t
     return dataset, len(sampler)
 
 
+def _cache_notice(kind: str, cache: Any, command: str) -> None:
+    """Say so when training had to (re)build part of a cache first."""
+    report = getattr(cache, "report", None)
+    if report is not None and report.encoded:
+        console.print(
+            f"The {kind} cache was missing or stale: encoded {report.encoded} entries first "
+            f"(reused {report.reused}) in {cache.folder}. `{command}` does this ahead."
+        )
+
+
 def load_vae_for(profile: Profile, device: torch.device, weight_dtype: torch.dtype) -> Any:
     """The VAE in the weight dtype, or fp32 when it would overflow in fp16 (SDXL's own VAE)."""
     vae = load_vae(profile.model, torch.float32)
@@ -205,7 +180,8 @@ def load_vae_for(profile: Profile, device: torch.device, weight_dtype: torch.dty
         weight_dtype = torch.float32
     vae.requires_grad_(False)
     vae.eval()
-    return vae.to(device, weight_dtype)
+    vae.to(device)
+    return vae if weight_dtype == torch.float32 else vae.to(weight_dtype)
 
 
 def make_conditioner(
@@ -256,8 +232,8 @@ def setup_run(profile: Profile, options: TrainOptions, pm: Any = None) -> Run:
     device = resolve_device(options.device)
     accelerator = make_accelerator(profile, device, options)
     device = accelerator.device
-    output_dir = prepare_output_folder(profile, options, accelerator.is_main_process)
-    _, weight_dtype = precision_for(profile, device)
+    output_dir, starting_over, resume_from = check_inputs(profile, options)
+    weight_dtype = DTYPES[accelerator.mixed_precision]
     unet, params = load_trainable_unet(profile, pm, weight_dtype)
     dataset, batches_per_epoch = load_dataset(profile, options, accelerator)
     total_steps = plan_total_steps(
@@ -304,6 +280,8 @@ def setup_run(profile: Profile, options: TrainOptions, pm: Any = None) -> Run:
         memory=PeakMemory(device),
         metrics=MetricsLog(output_dir),
         validation=validation,
+        starting_over=starting_over,
+        resume_from=resume_from,
     )
 
 

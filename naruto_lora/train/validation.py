@@ -10,6 +10,8 @@ resume relies on that).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,26 +77,46 @@ def _pipeline(validation: Validation, unet: Any, noise_scheduler: Any) -> Any:
     return pipe
 
 
+def decode_latents(vae: Any, latents: torch.Tensor, image_processor: Any) -> list[Any]:
+    """The pipeline's own decode, done here in the VAE's dtype and outside autocast, so a VAE
+    kept in fp32 (not fp16-safe) really decodes in fp32."""
+    config = vae.config
+    latents = latents.to(vae.dtype)
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None):
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor
+    image = vae.decode(latents, return_dict=False)[0]
+    return image_processor.postprocess(image.float(), output_type="pil")
+
+
 def generate_images(
-    validation: Validation, unet: Any, noise_scheduler: Any, device: torch.device, autocast: Any
+    validation: Validation,
+    unet: Any,
+    noise_scheduler: Any,
+    device: torch.device,
+    weight_dtype: torch.dtype,
+    autocast: Callable[[], AbstractContextManager],
 ) -> list[Any]:
     """One image per prompt, each from the same fixed seed so grids compare across steps."""
     pipe = _pipeline(validation, unet, noise_scheduler)
     images = []
-    dtype = next(unet.parameters()).dtype
     for i in range(len(validation.prompts)):
         generator = torch.Generator(device=device).manual_seed(validation.seed)
-        with autocast:
-            out = pipe(
-                prompt_embeds=validation.prompt_embeds[i : i + 1].to(device, dtype),
-                pooled_prompt_embeds=validation.pooled_embeds[i : i + 1].to(device, dtype),
+        with autocast():
+            latents = pipe(
+                prompt_embeds=validation.prompt_embeds[i : i + 1].to(device, weight_dtype),
+                pooled_prompt_embeds=validation.pooled_embeds[i : i + 1].to(device, weight_dtype),
                 height=validation.resolution,
                 width=validation.resolution,
                 num_inference_steps=validation.num_inference_steps,
                 guidance_scale=validation.guidance_scale,
                 generator=generator,
-            )
-        images.append(out.images[0])
+                output_type="latent",
+            ).images
+        images += decode_latents(validation.vae, latents, pipe.image_processor)
     return images
 
 
@@ -107,7 +129,12 @@ def write_samples(run: Any, step: int) -> Path:
 
     def render(state: Any) -> Path:
         images = generate_images(
-            run.validation, unet, state.noise_scheduler, state.device, run.autocast()
+            run.validation,
+            unet,
+            state.noise_scheduler,
+            state.device,
+            state.weight_dtype,
+            run.autocast,
         )
         with atomic_path(path) as tmp:
             sample_grid(images).save(tmp, format="png")
