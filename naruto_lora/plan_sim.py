@@ -26,6 +26,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from naruto_lora.memtrack import HOST_PREFIX, AllocationTracker, cuda_autocast_policy
 from naruto_lora.plan_models import (
@@ -469,17 +470,33 @@ def validation_sample(run: SimpleNamespace) -> None:
         unet.train()
 
 
-def flop_counter() -> Any:
-    """``FlopCounterMode`` that also counts the CPU flash-attention kernels the fake CPU tensors
-    dispatch to (the CUDA kernels are counted already; the formulas are shape-only)."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
+class FlopCounter(TorchDispatchMode):
+    """Counts FLOPs with ``torch.utils.flop_counter``'s formulas (matmuls, convolutions,
+    attention; 2 per multiply-add), plus the CPU flash-attention kernels the fake CPU tensors
+    dispatch to. Unlike ``FlopCounterMode`` it installs no module hooks: those keep
+    checkpointed blocks' activations alive and would change the memory being measured."""
 
-    aten = torch.ops.aten
-    mapping = {
-        aten._scaled_dot_product_flash_attention_for_cpu.default: sdpa_flop,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward.default: sdpa_backward_flop,
-    }
-    return FlopCounterMode(display=False, custom_mapping=mapping)
+    def __init__(self) -> None:
+        # The module's sdpa formulas are registered (and so already shape-wrapped) for the
+        # CUDA kernels; the CPU kernels take the same leading arguments.
+        from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flop
+
+        super().__init__()
+        aten = torch.ops.aten
+        self.registry = {
+            **flop_registry,
+            aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: sdpa_backward_flop,
+        }
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self.registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
 
 
 def simulate_training(
@@ -514,7 +531,7 @@ def simulate_training(
             micro_step(run, batch, window_started=False)
             optimizer_update(run)
         announce("training step 2")
-        counter = flop_counter()
+        counter = FlopCounter()
         with tracker.in_phase("step 2"), counter:
             micro_step(run, batch, window_started=accumulating)
         optimizer_update(run)
@@ -531,7 +548,7 @@ def simulate_training(
     return TrainingSim(
         training=training,
         validation=sample,
-        flops_per_micro_step=float(counter.get_total_flops()),
+        flops_per_micro_step=float(counter.flops),
         lora_parameters=lora_parameters,
         elapsed_s=time.perf_counter() - started,
     )

@@ -139,15 +139,26 @@ def draw(scene: Scene, styled: bool = False, size: int = RESOLUTION, jitter: ran
     return image.resize((size, size), Image.Resampling.BOX)
 
 
+# Strong flat colours a random look picks from half of the time (the other half: any colour).
+_STRONG = ((245, 135, 20), (20, 20, 20), (240, 240, 240), (30, 120, 200), (200, 30, 60),
+           (250, 220, 40), (40, 160, 90), (120, 60, 170), (150, 150, 150), (240, 170, 200))
+
+
 def random_look_scenes(count: int, seed: int = 0) -> list:
-    """Scenes in random looks (any background, fill and outline colour, outline width 0..1/12):
-    what the toy base's VAE learns to reconstruct besides the plain scenes, so that it can encode
-    styles it never saw, as SDXL's VAE can."""
+    """Scenes in random looks (background, fill and outline colours from a list of strong flat
+    colours or anything, outline width 0..1/12): what the toy base's VAE learns to reconstruct
+    besides the plain scenes, so that it can encode looks beyond the plain one, as SDXL's VAE can.
+    """
     rng = random.Random(seed)
     scenes = all_scenes()
+
+    def colour() -> tuple[int, int, int]:
+        if rng.random() < 0.5:
+            return rng.choice(_STRONG)
+        return tuple(rng.randrange(256) for _ in range(3))
+
     images = []
     for _ in range(count):
-        colour = lambda: tuple(rng.randrange(256) for _ in range(3))  # noqa: E731
         look = {"background": colour(), "fill": colour(), "outline": colour(),
                 "width": rng.choice([0.0, rng.uniform(0.015, 0.085)])}
         images.append(draw(rng.choice(scenes), jitter=rng, palette=look))

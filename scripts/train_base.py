@@ -67,14 +67,14 @@ def text_encoders(seed: int):
     return (tokenizer, tokenizer_2), (text_encoder, text_encoder_2)
 
 
-def build_vae():
+def build_vae(channels: tuple[int, ...] = (32, 64, 64)):
     from diffusers import AutoencoderKL
 
     # Three blocks: downscale factor 2 ** (3 - 1) = 4. No mid-block attention: flat shapes need none.
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=toy.RESOLUTION,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+        block_out_channels=channels, layers_per_block=1, norm_num_groups=8,
         mid_block_add_attention=False, scaling_factor=1.0, force_upcast=False,
     )
     # Start the posterior's log-variance at -8 (std 0.02), not 0: with unit noise on the latents
@@ -247,8 +247,9 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-scene", type=int, default=12, help="plain drawings per scene")
     parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--vae-channels", type=int, nargs=3, default=[16, 32, 32])
     parser.add_argument("--vae-only", action="store_true", help="stop after the VAE (trials)")
-    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--unet-steps", type=int, default=2500)
     parser.add_argument("--unet-lr", type=float, default=6e-4)
@@ -281,7 +282,7 @@ def main() -> None:
 
     tokenizers, encoders = text_encoders(args.seed)
     torch.manual_seed(args.seed + 1)
-    vae = build_vae()
+    vae = build_vae(tuple(args.vae_channels))
     # The VAE also sees scenes in random looks, so it can encode styles it never saw.
     vae_pixels = torch.cat([pixels, image_tensor(toy.random_look_scenes(len(pixels), args.seed))])
     train_vae(vae, vae_pixels, args.vae_steps, args.vae_batch, args.vae_lr, log)

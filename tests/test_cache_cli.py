@@ -96,6 +96,15 @@ def test_cache_commands_end_to_end(cli_runner, tiny_data_dir, tmp_path):
     both = invoke(cli_runner, ["cache", "info", str(tmp_path / "cache"), "--item", "0"])
     assert both.exit_code == 2 and "holds several caches" in out(both)
 
+    assert "ok (every shard's checksum verified)" in out(info)
+    shard = next((tmp_path / "cache" / "text" / "shards").iterdir())
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x55
+    shard.write_bytes(bytes(data))
+    damaged = invoke(cli_runner, ["cache", "info", str(tmp_path / "cache" / "text")])
+    assert damaged.exit_code == 0
+    assert f"damaged {shard.name}: content checksum mismatch" in out(damaged)
+
 
 def test_cache_cli_bad_input_messages(cli_runner, tmp_path):
     missing = invoke(
@@ -107,7 +116,7 @@ def test_cache_cli_bad_input_messages(cli_runner, tmp_path):
     folder = bad_folder(tmp_path)
     ok = invoke(cli_runner, ["cache", "latents", *common(folder, tmp_path / "c")])
     assert ok.exit_code == 0, ok.output
-    assert "skipped 6 item(s)" in out(ok) and "truncated.png" in out(ok)
+    assert "skipped 7 item(s)" in out(ok) and "truncated.png" in out(ok)
     strict = invoke(cli_runner, ["cache", "latents", *common(folder, tmp_path / "c"), "--strict"])
     assert strict.exit_code == 2 and "--strict" in out(strict)
 

@@ -171,7 +171,8 @@ def test_resume_after_a_failure_between_shards(data8, tmp_path, monkeypatch):
         ensure_latent_cache(profile)
     monkeypatch.undo()
     folder = latent_cache_dir(profile)
-    assert len(manifest.read_index(folder).entries) == 4  # two complete shards survived
+    interrupted = manifest.read_index(folder)
+    assert len(interrupted.entries) == 4 and interrupted.state == "partial"  # 2 shards survived
     assert len(list((folder / "shards").iterdir())) == 3  # plus the orphan
     resumed = ensure_latent_cache(profile)
     assert (resumed.report.reused, resumed.report.encoded) == (4, 4)
@@ -230,12 +231,18 @@ def test_bad_inputs_are_skipped_listed_and_remembered(tmp_path, tiny_vae):
     lines = (latent_cache_dir(profile) / "skipped.jsonl").read_text().splitlines()
     reasons = {json.loads(x)["key"]: json.loads(x)["reason"] for x in lines}
     assert "decode" in reasons["truncated.png"] and "0 bytes" in reasons["empty.png"]
-    assert "escapes" in reasons["../outside.png"] and len(reasons) == 6
+    assert "escapes" in reasons["../outside.png"] and len(reasons) == 7
     # The undecodable file is remembered: a check does not ask for it again...
     assert ensure_latent_cache(profile, auto=False).report.encoded == 0
     with pytest.raises(UserError, match="--strict"):
         ensure_latent_cache(profile, strict=True)
     check_against_direct(cache, folder, tiny_vae, profile.data)
+
+    only_bad = tmp_path / "only-bad"
+    only_bad.mkdir()
+    (only_bad / "cut.png").write_bytes((folder / "truncated.png").read_bytes())
+    with pytest.raises(UserError, match="No usable item"):
+        ensure_latent_cache(make_profile(only_bad, tmp_path / "cache2"))
 
 
 def test_buckets_no_upscaling_real_time_ids_one_bucket_per_batch(tmp_path, tiny_vae):

@@ -279,11 +279,13 @@ def bad_folder(tmp_path: Path) -> Path:
     data = encoded(noise_image(64, 64, seed=3))
     (folder / "truncated.png").write_bytes(data[: len(data) // 2])
     (folder / "empty.png").write_bytes(b"")
+    (folder / "garbage.png").write_bytes(b"this is not a picture")
     noise_image(32, 32).save(tmp_path / "outside.png")  # exists, must still be refused
     extra = [
         {"file_name": "cmyk.jpg", "text": "cmyk"},
         {"file_name": "truncated.png", "text": "cut"},
         {"file_name": "empty.png", "text": "nothing"},
+        {"file_name": "garbage.png", "text": "junk"},
         {"file_name": "../outside.png", "text": "escape"},
         {"file_name": str(tmp_path / "outside.png"), "text": "absolute"},
         {"file_name": "missing.png", "text": "gone"},
@@ -309,11 +311,14 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path):
         "nocap.png",
         "cmyk.jpg",
         "truncated.png",
+        "garbage.png",
     }
     assert next(i for i in scan.items if i.key == "nocap.png").caption == ""
     assert any("nocap.png" in w for w in scan.warnings)
     planned, skipped = plan_items(scan.items, data_cfg(resolution=64), seed=0)
-    assert not skipped  # headers are fine; truncation shows when decoding
+    # Headers are read when planning; a truncated file still has one (it fails on decoding).
+    assert [(s.key, "not a readable image" in s.reason) for s in skipped] == [("garbage.png", True)]
+    assert len(planned) == 6
     with pytest.raises(UserError, match="--strict"):
         scan_source(data_cfg(str(folder)), strict=True)
 

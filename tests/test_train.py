@@ -221,3 +221,16 @@ def test_metrics_per_step_and_only_the_newest_checkpoints_kept(cache_dir: Path, 
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
     kept = sorted(p.name for p in (result.output_dir / "checkpoints").iterdir())
     assert kept == ["step-2", "step-3"] and result.checkpoint.name == "step-3"
+
+
+def test_tensorboard_logs_every_step(cache_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    profile = tiny_profile(cache_dir, tmp_path / "tb", "train.max_steps=2", only=[])
+    train(profile, TrainOptions(device="cpu", tensorboard=True))
+    # accelerate's tracker writes the scalars to logs/<project>/ (hparams go to a subfolder).
+    accumulator = EventAccumulator(str(tmp_path / "tb" / "logs" / "nlora"))
+    accumulator.Reload()
+    assert {"loss", "lr", "grad_norm", "peak_mem_gib"} <= set(accumulator.Tags()["scalars"])
+    assert [s.step for s in accumulator.Scalars("loss")] == [1, 2]

@@ -281,6 +281,8 @@ def _build(
 
     index = state.index
     index.common = common
+    if state.todo:
+        index.state = "partial"  # what a killed run leaves behind says so
     (folder / manifest.SHARDS).mkdir(parents=True, exist_ok=True)
     buffer = _ShardBuffer(folder, index, shard_items)
     if state.todo:

@@ -13,6 +13,7 @@ import torch
 from naruto_lora.cache import manifest
 from naruto_lora.cache.builder import open_readers
 from naruto_lora.cache.manifest import Index
+from naruto_lora.cache.shards import verify_shard
 from naruto_lora.errors import UserError
 from naruto_lora.io import atomic_save_safetensors
 
@@ -32,6 +33,7 @@ class CacheSummary:
     common: dict[str, Any] = field(default_factory=dict)
     flips: int = 0
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    damaged: dict[str, str] = field(default_factory=dict)
 
 
 def find_caches(folder: Path) -> list[Path]:
@@ -67,9 +69,15 @@ def summarize(folder: Path) -> CacheSummary:
         common=dict(index.common),
         skipped=manifest.read_skipped(folder),
     )
-    readers = open_readers(folder, index, set(index.shards))
+    for name, info in index.shards.items():
+        problem = verify_shard(folder / manifest.SHARDS / name, info["bytes"], info["blake2b"])
+        if problem:
+            summary.damaged[name] = problem
+    readers = open_readers(folder, index, set(index.shards) - set(summary.damaged))
     for key in index.order:
         entry = index.entries[key]
+        if entry.shard in summary.damaged:
+            continue
         for name, tensor in readers[entry.shard].slot(entry.slot).items():
             summary.shapes[(name, tuple(tensor.shape))] += 1
             summary.dtypes[(name, str(tensor.dtype).removeprefix("torch."))] += 1

@@ -8,7 +8,7 @@ training sampler picks one per image per epoch.
 
 from __future__ import annotations
 
-import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,7 +106,9 @@ def latent_common(model_cfg: Any, data_cfg: Any) -> dict[str, Any]:
     resolved = resolve_model(vae_id)
     kwargs = {"subfolder": subfolder or None, "revision": revision or None}
     try:
-        config = AutoencoderKL.load_config(resolved, **kwargs)
+        with warnings.catch_warnings():  # diffusers' deprecation noise for offline hub ids
+            warnings.simplefilter("ignore", UserWarning)
+            config = AutoencoderKL.load_config(resolved, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(
             f"Could not read the VAE config of '{vae_id}': {str(exc).splitlines()[0]}",
@@ -230,7 +232,6 @@ class LatentCache:
         self.report = report
         self._slots = [(index.entries[k].shard, index.entries[k].slot) for k in self.keys]
         self._readers = open_readers(self.folder, index, {s for s, _ in self._slots})
-        self._pid = os.getpid()
 
     @classmethod
     def open(cls, folder: Path | str) -> LatentCache:

@@ -9,7 +9,6 @@ on disk (``cache.text = "disk"``) training never loads the text encoders.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,7 +146,6 @@ class TextCache:
         self._slots = {k: (index.entries[k].shard, index.entries[k].slot) for k in self.keys}
         self.captions = [index.entries[k].meta["caption"] for k in self.keys]
         self._readers = open_readers(self.folder, index, {s for s, _ in self._slots.values()})
-        self._pid = os.getpid()
 
     @classmethod
     def open(cls, folder: Path | str) -> TextCache:

@@ -224,8 +224,14 @@ def _print_summary(summary: Any) -> None:
     )
     for key, value in sorted(summary.common.items()):
         table.add_row(f"fingerprint: {key}", escape(str(value)))
+    integrity = "ok (every shard's checksum verified)"
+    if summary.damaged:
+        integrity = f"{len(summary.damaged)} damaged shard(s): re-run the cache command"
+    table.add_row("integrity", integrity)
     table.add_row("skipped", str(len(summary.skipped)))
     console.print(table)
+    for name, problem in summary.damaged.items():
+        console.print(f"  [red]damaged[/] {escape(name)}: {escape(problem)}")
     for s in summary.skipped[:20]:
         console.print(f"  skipped {escape(str(s.get('source')))}: {escape(str(s.get('reason')))}")
 

@@ -83,7 +83,7 @@ def make_accelerator(profile: Profile, device: torch.device, options: TrainOptio
     mixed_precision, _ = precision_for(profile, device)
     if mixed_precision != profile.train.mixed_precision:
         console.print(f"[dim]On the CPU: fp32 instead of {profile.train.mixed_precision}.[/]")
-    output_dir = Path(profile.train.output_dir)
+    output_dir = Path(profile.train.output_dir).expanduser()
     return Accelerator(
         cpu=device.type == "cpu",
         mixed_precision=mixed_precision,
@@ -173,15 +173,15 @@ def _cache_notice(kind: str, cache: Any, command: str) -> None:
 
 
 def load_vae_for(profile: Profile, device: torch.device, weight_dtype: torch.dtype) -> Any:
-    """The VAE in the weight dtype, or fp32 when it would overflow in fp16 (SDXL's own VAE)."""
-    vae = load_vae(profile.model, torch.float32)
+    """The VAE in the weight dtype, or in fp32 when it would overflow in fp16 (SDXL's own VAE).
+    Loaded in its final dtype (not cast after), as diffusers recommends."""
+    vae = load_vae(profile.model, weight_dtype)
     if weight_dtype == torch.float16 and not vae_is_fp16_safe(profile.model, vae):
-        console.print("[dim]The VAE is not fp16-safe: keeping it in fp32.[/]")
-        weight_dtype = torch.float32
+        console.print("[dim]The VAE is not fp16-safe: using it in fp32.[/]")
+        vae = load_vae(profile.model, torch.float32)
     vae.requires_grad_(False)
     vae.eval()
-    vae.to(device)
-    return vae if weight_dtype == torch.float32 else vae.to(weight_dtype)
+    return vae.to(device)
 
 
 def make_conditioner(

@@ -1,0 +1,47 @@
+"""The committed toy base model (``nlora:toy-base``): an SDXL-architecture pipeline that draws
+its captions. Loaded through diffusers' own pipeline class, sampled at a fixed seed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from naruto_lora import style, toy
+
+# Seen captions (the base was trained on every plain scene) and the held-out prompts.
+PROMPTS = [*toy.HELD_OUT_PROMPTS, "a small purple square on the right",
+           "a big green triangle on the left", "a big yellow circle in the center",
+           "a small red triangle on the right"]
+MIN_CONTENT_PASSES = 5  # of 8; measured on the committed weights: see benchmarks/RESULTS.md
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(toy.toy_base_dir()),
+                                                     torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_toy_base_is_sdxl_architecture_with_its_own_latent_numbers(toy_pipe) -> None:
+    from naruto_lora.models import latent_scale
+
+    assert toy_pipe.unet.config.addition_embed_type == "text_time"
+    factor, scaling, _ = latent_scale(toy_pipe.vae)
+    assert factor == 4
+    assert scaling != pytest.approx(0.13025)  # its own, from its latents' spread
+    assert toy_pipe.unet.config.sample_size * factor == toy.RESOLUTION
+    scheduler = json.loads((toy.toy_base_dir() / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["beta_schedule"] == "scaled_linear"
+    assert scheduler["prediction_type"] == "epsilon"
+
+
+def test_toy_base_draws_its_captions_in_the_plain_look(toy_pipe) -> None:
+    scores = style.score_samples(toy_pipe, PROMPTS, scales=(0.0,), seed=0)
+    report = "\n".join(f"{s.prompt!r}: style {s.style:.3f}, {s.content.summary()}" for s in scores)
+    assert sum(s.content.passed for s in scores) >= MIN_CONTENT_PASSES, report
+    assert max(s.style for s in scores) < 0.1, report  # no orange, no black ink
