@@ -200,19 +200,8 @@ def meta_vae(configs: ModelConfigs, dtype: torch.dtype) -> Any:
 
 
 def materialise(module: torch.nn.Module) -> torch.nn.Module:
-    """Give a meta module storage: fake tensors under an active ``FakeTensorMode``.
-
-    The fake mode remembers which fake tensor it made from which meta tensor through weak
-    references, and a tensor with weak references cannot be swapped, which ``Module.to`` does
-    (the sampling pipeline upcasts its VAE): that memo is dropped once the module is built.
-    """
-    from torch._guards import detect_fake_mode
-
-    module.to_empty(device="cpu")
-    fake_mode = detect_fake_mode()
-    if fake_mode is not None:
-        fake_mode.fake_tensor_converter.meta_converter.tensor_memo.clear()
-    return module
+    """Give a meta module storage: fake tensors under an active ``FakeTensorMode``."""
+    return module.to_empty(device="cpu")
 
 
 def noise_scheduler(configs: ModelConfigs) -> Any:

@@ -57,11 +57,17 @@ class PhasePeak:
     peak_bytes: int
     split: dict[str, int]
     where: str = ""
+    host: dict[str, int] = field(default_factory=dict)  # kept in host memory (not counted)
 
     @classmethod
     def of(cls, name: str, tracker: AllocationTracker) -> PhasePeak:
         peak = tracker.peak
-        return cls(name, peak.total_bytes, dict(peak.by_label), peak.where)
+        host = {
+            k[len(HOST_PREFIX):]: v
+            for k, v in tracker.live.items()
+            if k.startswith(HOST_PREFIX) and v
+        }
+        return cls(name, peak.total_bytes, dict(peak.by_label), peak.where, host)
 
 
 @dataclass
@@ -601,8 +607,7 @@ def simulate_sampling(
             scheduler=EulerDiscreteScheduler.from_config(configs.scheduler), add_watermarker=False,
         )
         pipe.set_progress_bar_config(disable=True)
-        upcast = pipe.vae.to
-        pipe.upcast_vae = lambda: upcast_labelled(upcast, tracker, streamed or VAE)
+        casts_in_place(vae, tracker, streamed or VAE)
         if low_vram:
             pipe.enable_attention_slicing(1)
             pipe.vae.enable_slicing()
@@ -618,7 +623,17 @@ def simulate_sampling(
         return PhasePeak.of(name, tracker)
 
 
-def upcast_labelled(to: Any, tracker: AllocationTracker, label: str) -> None:
-    """The pipeline's VAE upcast (fp16 -> fp32 before decoding), its new weights labelled."""
-    with tracker.labelled(label):
-        to(dtype=torch.float32)
+def casts_in_place(module: torch.nn.Module, tracker: AllocationTracker, label: str) -> None:
+    """Let ``module.to(dtype=...)`` (the pipeline's VAE upcast for decoding, and back) replace
+    each parameter's data: ``Module.to`` swaps tensors, which fake tensors do not allow. Memory
+    goes the same way: one parameter at a time."""
+
+    def to(*args: Any, dtype: torch.dtype | None = None, **kwargs: Any) -> torch.nn.Module:
+        if args or kwargs or dtype is None:
+            raise TypeError("the planner's stand-in for Module.to only casts: to(dtype=...)")
+        with tracker.labelled(label):
+            for param in module.parameters():
+                param.data = param.data.to(dtype)
+        return module
+
+    module.to = to  # type: ignore[method-assign]

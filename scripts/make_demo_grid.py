@@ -69,6 +69,19 @@ def own_grid(lora_dir: Path, seed: int = 0, cell: int = 128):
     return grid
 
 
+def stack(paths: list[Path]):
+    """``nlora sample --compare`` writes one grid per prompt: one image, one row per prompt."""
+    from PIL import Image
+
+    grids = [Image.open(p).convert("RGB") for p in paths]
+    out = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids)), "white")
+    y = 0
+    for grid in grids:
+        out.paste(grid, (0, y))
+        y += grid.height
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=REPO / "nlora-output" / "demo-grid")
@@ -85,7 +98,7 @@ def main() -> int:
     grids = sorted((args.work / "run" / "compare").glob("*.png"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if grids and not args.own_grid:
-        shutil.copy(grids[-1], args.out)
+        stack(grids).save(args.out)
     else:
         own_grid(args.work / "run").save(args.out)
     print(f"wrote {args.out}")

@@ -197,6 +197,8 @@ def test_tensorboard_without_the_package_is_a_clear_error(
 ) -> None:
     import importlib.util
 
+    import accelerate.tracking  # noqa: F401 - imported before the patch: it probes trackers once
+
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda n, *a: None if n == "tensorboard" else real(n, *a)

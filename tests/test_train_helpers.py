@@ -244,7 +244,7 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path: Path) -> No
 
 
 def test_output_folder_rules(tmp_path: Path) -> None:
-    profile = load_profile("tiny")
+    profile = load_profile("tiny", overrides=["lora.rank=4"])
     assert check_output_folder(tmp_path / "new", profile, None) is False
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -265,7 +265,9 @@ def test_output_folder_rules(tmp_path: Path) -> None:
     assert "lora.rank: 4 there, 8 now" in str(err.value)
     assert "model.pretrained" in str(err.value)
     # Same identity: a learning-rate change is still the same run.
-    same = load_profile("tiny", overrides=["train.learning_rate=0.01", "train.max_steps=99"])
+    same = load_profile(
+        "tiny", overrides=["lora.rank=4", "train.learning_rate=0.01", "train.max_steps=99"]
+    )
     assert check_output_folder(run, same, None) is True  # no checkpoints yet: start over
     (run / "checkpoints" / "step-20").mkdir(parents=True)
     with pytest.raises(UserError, match="unfinished run"):

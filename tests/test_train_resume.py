@@ -103,6 +103,7 @@ def test_stop_and_resume_equals_one_run_bit_for_bit(cache_dir: Path, tmp_path: P
     # 4 updates x 3 micro-batches = 12 batches = 3 epochs of 4: the last update is in epoch 2.
     assert [r["epoch"] for r in rows_two] == [0, 1, 2, 2]
     assert whole.epoch == second.epoch == 2
+    assert whole.final_loss == second.final_loss  # the smoothed loss resumes too
     assert sorted(p.name for p in (tmp_path / "two" / "samples").iterdir()) == [
         "step-2.png",
         "step-4.png",

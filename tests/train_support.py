@@ -15,8 +15,15 @@ from naruto_lora.hookspecs import hookimpl
 from naruto_lora.profile import Profile, load_profile
 
 ALL_PLUGINS = ["ema", "offset_noise", "min_snr", "sdpa", "gradient_checkpointing"]
-# Small and fast: 8 images, 4 optimizer steps, no samples, no checkpoints unless a test asks.
+# Small and fast: the built-in tiny model and shapes (pinned, whatever the tiny profile points
+# at), 8 images, rank 4, 4 optimizer steps, no samples, no checkpoints unless a test asks.
 BASE_SETS = (
+    'model.pretrained="nlora:tiny"',
+    'model.vae=""',
+    'data.source="nlora:tiny-shapes"',
+    "lora.rank=4",
+    "lora.alpha=4",
+    "data.resolution=64",
     "data.max_items=8",
     "train.max_steps=4",
     "validation.every_steps=0",

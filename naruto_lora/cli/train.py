@@ -11,18 +11,21 @@ import click
 from naruto_lora.cli.common import GuardedCommand, load_profile_from_options, profile_options
 
 
-def _resume_command(profile: Any) -> str:
-    args = ["nlora", "train", "--profile", profile.name, "--output", profile.train.output_dir]
+def _resume_command(profile_arg: str, profile: Any) -> str:
+    args = ["nlora", "train", "--profile", profile_arg, "--output", profile.train.output_dir]
     return " ".join(shlex.quote(a) for a in args) + " --resume latest"
 
 
-def _report_interrupted(result: Any, profile: Any) -> int:
+def _report_interrupted(result: Any, profile_arg: str, profile: Any) -> int:
+    from rich.markup import escape
+
     from naruto_lora.console import err_console
 
     err_console.print(
         f"[yellow]Stopped by {result.interrupted} at step {result.global_step} "
-        f"(epoch {result.epoch + 1}); checkpoint: {result.checkpoint}.[/]\n"
-        f"Resume with the same command plus --resume latest, e.g.\n  {_resume_command(profile)}\n"
+        f"(epoch {result.epoch + 1}); checkpoint: {escape(str(result.checkpoint))}.[/]\n"
+        "Resume with the same command plus --resume latest, e.g.\n"
+        f"  {escape(_resume_command(profile_arg, profile))}\n"
         "(repeat any --set / --enable / --disable options you gave).",
         soft_wrap=True,
     )
@@ -35,13 +38,18 @@ def _report_interrupted(result: Any, profile: Any) -> int:
 
 
 def _report_finished(result: Any) -> None:
+    from rich.markup import escape
+
     from naruto_lora.console import console
 
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+    weights = ", ".join(str(p) for p in result.weights)
     console.print(
         f"[green]Trained {result.global_step} steps[/] (smoothed loss {loss}). "
-        f"Weights: {', '.join(str(p) for p in result.weights)}; "
-        f"model card: {result.output_dir / 'README.md'}; loss curve: {result.output_dir / 'loss.png'}.",
+        + escape(
+            f"Weights: {weights}; model card: {result.output_dir / 'README.md'}; "
+            f"loss curve: {result.output_dir / 'loss.png'}."
+        ),
         soft_wrap=True,
     )
 
@@ -86,11 +94,12 @@ def register(cli: click.Group) -> None:
         """
         from naruto_lora.train import TrainOptions, train
 
+        profile_arg = kwargs["profile_name"]
         profile = load_profile_from_options(kwargs)
         options = TrainOptions(
             resume=resume, auto_cache=not no_auto_cache, device=device, tensorboard=tensorboard
         )
         result = train(profile, options)
         if result.interrupted:
-            ctx.exit(_report_interrupted(result, profile))
+            ctx.exit(_report_interrupted(result, profile_arg, profile))
         _report_finished(result)

@@ -94,6 +94,7 @@ def _training_state(run: Any) -> dict[str, Any]:
         "epoch": run.position.epoch,
         "batch_in_epoch": run.position.batch,
         "guard": run.guard.state_dict(),
+        "smoothed_loss": run.smoothed_loss.state_dict(),
         "train_s": run.train_s,
     }
 
@@ -179,6 +180,7 @@ def load_checkpoint(run: Any, path: Path) -> None:
     run.position.epoch = int(saved["epoch"])
     run.position.batch = int(saved["batch_in_epoch"])
     run.guard.load_state_dict(saved["guard"])
+    run.smoothed_loss.load_state_dict(saved["smoothed_loss"])
     run.train_s = float(saved["train_s"])
     plugin_state = torch.load(path / PLUGINS_NAME, map_location="cpu", weights_only=True)
     run.pm.hook.nlora_load_checkpoint_state(state=run.state, saved=plugin_state)

@@ -59,6 +59,12 @@ class SmoothedValue:
             return float("nan")
         return self._avg / (1 - self.beta**self._count)
 
+    def state_dict(self) -> dict[str, float]:
+        return {"avg": self._avg, "count": self._count}
+
+    def load_state_dict(self, saved: dict[str, float]) -> None:
+        self._avg, self._count = float(saved["avg"]), int(saved["count"])
+
 
 class MetricsLog:
     """Appends one JSON line per optimizer step (flushed, so a crash keeps what was logged)."""

@@ -64,16 +64,16 @@ def precision_for(profile: Profile, device: torch.device) -> tuple[str, torch.dt
 
 
 def make_accelerator(profile: Profile, device: torch.device, options: TrainOptions) -> Any:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
     if options.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError(
             "--tensorboard needs the tensorboard package.",
             hint="pip install 'naruto-lora[tensorboard]' (or tensorboard).",
         )
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not launched:
         # accelerate keeps one process-wide state; a second run in the same process (tests,
