@@ -6,6 +6,7 @@ sample size, prediction type) is read from the loaded configs, never assumed to 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,10 @@ def resolve_data(source: str) -> str:
 def _load(loader: Any, model_id: str, what: str, **kwargs: Any) -> Any:
     """Call a ``from_pretrained`` and turn "not found / no network" into a clear user error."""
     try:
-        return loader.from_pretrained(model_id, **kwargs)
+        with warnings.catch_warnings():
+            # diffusers >= 0.36 renamed torch_dtype to dtype; older releases we support lack dtype.
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            return loader.from_pretrained(model_id, **kwargs)
     except (OSError, ValueError) as exc:
         sub = kwargs.get("subfolder")
         where = f"'{model_id}'" + (f" (subfolder '{sub}')" if sub else "")

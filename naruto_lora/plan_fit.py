@@ -29,9 +29,9 @@ from typing import Any
 
 from naruto_lora.errors import UserError
 from naruto_lora.memtrack import GIB
-from naruto_lora.plan import Plan, allowance_bytes, plan_profile, usable_gib
+from naruto_lora.plan import TIGHT_HEADROOM, Plan, allowance_bytes, plan_profile, usable_gib
 from naruto_lora.plan_sim import PLUGIN_PREFIX
-from naruto_lora.profile import Profile, apply_override, parse_set, validate
+from naruto_lora.profile import Profile, apply_override, validate
 
 CHECKPOINTING = "gradient_checkpointing"
 MIN_RESOLUTION, RESOLUTION_STEP = 512, 128
@@ -129,7 +129,8 @@ def batch_splits(profile: Profile) -> list[tuple[int, int]]:
 
 
 def candidates(profile: Profile) -> Iterator[Candidate]:
-    resolutions = range(profile.data.resolution, MIN_RESOLUTION - 1, -RESOLUTION_STEP)
+    top = profile.data.resolution
+    resolutions = [r for r in range(top, 0, -RESOLUTION_STEP) if r == top or r >= MIN_RESOLUTION]
     ranks = [profile.lora.rank]
     while ranks[-1] // 2 >= MIN_RANK:
         ranks.append(ranks[-1] // 2)
@@ -324,11 +325,13 @@ def fit_profile(profile: Profile, card_gb: float, *, model: str | None = None,
     from naruto_lora.plan_models import load_model_configs
 
     capacity = usable_gib(card_gb)
+    # "Fits" keeps the margin nlora plan asks for (below it the verdict is "tight").
+    budget = capacity * (1 - TIGHT_HEADROOM)
     plans = measure(profile, model, on_phase)
     memory = build_model(profile, plans, load_model_configs(profile.model, model))
     current = current_candidate(profile)
     every = list(candidates(profile))
-    fitting = sorted((c for c in every if memory.need_gib(c) <= capacity),
+    fitting = sorted((c for c in every if memory.need_gib(c) <= budget),
                      key=_quality_then_speed(memory, current))
     rejected: list[tuple[dict[str, Any], float]] = []
     for choice in fitting[:CONFIRMATIONS]:
@@ -336,7 +339,7 @@ def fit_profile(profile: Profile, card_gb: float, *, model: str | None = None,
         if on_phase is not None:
             on_phase(f"confirming {len(rejected) + 1}")
         plan = plan_profile(chosen, model=model, sampling=False)
-        if plan.need_gib <= capacity:
+        if plan.need_gib <= budget:
             return FitResult(
                 card_gb, capacity, profile, chosen, plan, memory.need_gib(choice),
                 memory.step_seconds(choice) / memory.step_seconds(current), len(every),
@@ -346,7 +349,8 @@ def fit_profile(profile: Profile, card_gb: float, *, model: str | None = None,
     smallest = min(every, key=memory.need_gib)
     raise UserError(
         f"No configuration of profile '{profile.name}' is predicted to fit a {card_gb:g} GB card "
-        f"({capacity:.1f} GiB usable): the smallest needs about {memory.need_gib(smallest):.1f} "
+        f"({capacity:.1f} GiB usable, {budget:.1f} with a {TIGHT_HEADROOM:.0%} margin): the "
+        f"smallest needs about {memory.need_gib(smallest):.1f} "
         "GiB" + (f" and {len(rejected)} confirmed candidates did not fit" if rejected else "")
         + ".",
         hint="The UNet weights alone need "
@@ -391,8 +395,3 @@ def profile_toml(result: FitResult, extends: str) -> str:
             node = node.setdefault(part, {})
         node[leaf] = value
     return tomli_w.dumps(table)
-
-
-def parse_assignments(lines: list[str]) -> dict[str, Any]:
-    """``key=value`` strings (the ``--set`` syntax) -> assignments."""
-    return {".".join(path): value for path, value in map(parse_set, lines)}

@@ -130,6 +130,35 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, lr: float, log)
     vae.eval()
 
 
+def finetune_decoder(vae, pixels: torch.Tensor, steps: int, batch: int, lr: float, log) -> None:
+    """Train the decoder further with the encoder frozen: sharper outlines and truer colours,
+    while the latents (what the UNet learns) stay exactly as they were. The latents get a little
+    noise so the decoder forgives the UNet's imperfect samples."""
+    vae.requires_grad_(False)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    vae.train()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(3)
+    start = time.time()
+    for step in range(1, steps + 1):
+        x = pixels[torch.randint(0, len(pixels), (batch,), generator=gen)]
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        z = z + 0.1 * z.std() * torch.randn(z.shape, generator=gen)
+        recon = vae.decode(z).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        if step % 50 == 0 or step == steps:
+            log(f"decoder step {step}/{steps} loss {loss.item():.4f} {time.time() - start:.0f}s")
+    vae.eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     return torch.cat([vae.encode(pixels[i:i + 64]).latent_dist.mean for i in range(0, len(pixels), 64)])
@@ -163,11 +192,16 @@ def make_pipeline(vae, tokenizers, encoders, unet):
     )
 
 
-def save_pipeline(pipe, folder: Path) -> None:
+def save_pipeline(pipe, folder: Path, half_unet: bool = False) -> None:
+    """Save in the diffusers layout; ``half_unet`` stores the UNet in fp16 (the committed model:
+    half the size; loaders upcast it with ``torch_dtype=torch.float32``)."""
     from naruto_lora.io import atomic_dir
 
     with atomic_dir(folder) as tmp:
+        if half_unet:
+            pipe.unet.to(torch.float16)
         pipe.save_pretrained(tmp, safe_serialization=True)
+        pipe.unet.to(torch.float32)
 
 
 @torch.no_grad()
@@ -208,7 +242,8 @@ def train_unet(unet, latents, caption_idx, embeds, pooled, args, on_checkpoint, 
     zeros_embeds, zeros_pooled = torch.zeros_like(embeds[0]), torch.zeros_like(pooled[0])
     empty = len(embeds) - 1  # the last cached caption is the empty string
     start, step = time.time(), 0
-    while step < args.unet_steps and time.time() - start < args.max_unet_minutes * 60:
+    last = args.stop_after or args.unet_steps  # the lr schedule still spans --unet-steps
+    while step < last and time.time() - start < args.max_unet_minutes * 60:
         step += 1
         idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
         x0 = latents[idx]
@@ -246,14 +281,20 @@ def parse_args():
     parser.add_argument("--work", type=Path, default=Path("nlora-output/toy-base-work"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-scene", type=int, default=12, help="plain drawings per scene")
-    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--vae-channels", type=int, nargs=3, default=[16, 32, 32])
+    parser.add_argument("--decoder-steps", type=int, default=1500)
+    parser.add_argument("--decoder-lr", type=float, default=1e-3)
+    parser.add_argument("--decoder-only", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--vae-only", action="store_true", help="stop after the VAE (trials)")
     parser.add_argument("--vae-batch", type=int, default=8)
-    parser.add_argument("--vae-lr", type=float, default=2e-3)
-    parser.add_argument("--unet-steps", type=int, default=2500)
-    parser.add_argument("--unet-lr", type=float, default=6e-4)
-    parser.add_argument("--max-unet-minutes", type=float, default=40.0)
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--unet-steps", type=int, default=1300)
+    parser.add_argument("--unet-lr", type=float, default=8e-4)
+    parser.add_argument("--max-unet-minutes", type=float, default=float("inf"),
+                        help="stop the UNet stage early (the weights then differ)")
+    parser.add_argument("--stop-after", type=int, default=0,
+                        help="end the UNet stage after this step (0: --unet-steps)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--checkpoint-every", type=int, default=250)
@@ -285,7 +326,17 @@ def main() -> None:
     vae = build_vae(tuple(args.vae_channels))
     # The VAE also sees scenes in random looks, so it can encode styles it never saw.
     vae_pixels = torch.cat([pixels, image_tensor(toy.random_look_scenes(len(pixels), args.seed))])
+    if args.decoder_only:
+        # A decoder run on its own, from a VAE saved after the first stage (the same as running
+        # the stages in one go: the decoder stage has its own random streams).
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.decoder_only)
+        finetune_decoder(vae, vae_pixels, args.decoder_steps, args.vae_batch, args.decoder_lr, log)
+        vae.save_pretrained(args.work / "vae-decoder")
+        return
     train_vae(vae, vae_pixels, args.vae_steps, args.vae_batch, args.vae_lr, log)
+    finetune_decoder(vae, vae_pixels, args.decoder_steps, args.vae_batch, args.decoder_lr, log)
     raw = encode_latents(vae, pixels)
     # As Stable Diffusion: scale latents to unit variance so the noise schedule fits them.
     vae.register_to_config(scaling_factor=round(1.0 / raw.std().item(), 4))
@@ -317,7 +368,7 @@ def main() -> None:
 
     ema = train_unet(unet, latents, caption_idx, embeds, pooled, args, on_checkpoint, log)
     pipe = make_pipeline(vae, tokenizers, encoders, ema)
-    save_pipeline(pipe, args.out)
+    save_pipeline(pipe, args.out, half_unet=True)
     rate = check_samples(pipe, prompts, args.work / "samples-final.png", log)
     log(f"saved {args.out}; final content pass rate {rate:.2f}")
     shutil.copy(args.work / "train.log", args.work / "train-final.log")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -37,5 +38,20 @@ for module in (doctor, cache, train, sample, export, demo, profiles, plugins_cmd
     module.register(cli)
 
 
+def _quiet_libraries(argv: list[str] | None) -> None:
+    """diffusers/transformers log load bars and advisory warnings (e.g. about torchvision, which
+    we do not use) that bury our own output; --debug keeps them."""
+    args = sys.argv[1:] if argv is None else argv
+    if "--debug" in args:
+        return
+    for name, value in (
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("DIFFUSERS_VERBOSITY", "error"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+    ):
+        os.environ.setdefault(name, value)
+
+
 def main(argv: list[str] | None = None) -> None:
+    _quiet_libraries(argv)
     sys.exit(run_guarded(cli, argv))

@@ -11,10 +11,16 @@ from naruto_lora.errors import UserError
 
 
 def _phases(
-    profile: str, output: str, cache_dir: str, steps: int, prompts: tuple[str, ...]
+    profile: str,
+    output: str,
+    cache_dir: str,
+    steps: int,
+    prompts: tuple[str, ...],
+    sample_steps: int,
 ) -> list:
     common = ["--profile", profile, "--output", output, "--cache-dir", cache_dir]
     compare = ["sample", *common, "--lora", output, "--compare", "--out", f"{output}/compare"]
+    compare += ["--steps", str(sample_steps)]
     for prompt in prompts:
         compare += ["--prompt", prompt]
     return [
@@ -71,7 +77,9 @@ def register(cli: click.Group) -> None:
         steps = steps or profile.train.max_steps
         prompts = prompts or profile.validation.prompts
         started = time.perf_counter()
-        for label, args in _phases(profile_name, output, cache_dir, steps, prompts):
+        for label, args in _phases(
+            profile_name, output, cache_dir, steps, prompts, profile.validation.num_inference_steps
+        ):
             command = cli.get_command(ctx, args[0])
             if args[0] in ("cache",):
                 command = command.get_command(ctx, args[1]) if command else None  # type: ignore[union-attr]

@@ -21,20 +21,43 @@ PHASES = ("building the models", "training step 1", "training step 2", "validati
 def register(cli: click.Group) -> None:
     @cli.command("plan", cls=GuardedCommand)
     @profile_options
-    @click.option("--vram", type=float, default=None, metavar="GB",
-                  help="Check against a card of this size as sold (e.g. 12); default: this "
-                  "machine's largest GPU, if any.")
-    @click.option("--fit", "fit_gb", type=float, default=None, metavar="GB",
-                  help="Find the fastest configuration of the profile predicted to fit a card "
-                  "of this size (takes a few planner runs, ~2-3 min on 2 cores).")
-    @click.option("--save", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                  help="With --fit: also write the configuration found as a profile file.")
-    @click.option("--no-sample", is_flag=True,
-                  help="Skip the predictions for nlora sample (faster).")
+    @click.option(
+        "--vram",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="Check against a card of this size as sold (e.g. 12); default: this "
+        "machine's largest GPU, if any.",
+    )
+    @click.option(
+        "--fit",
+        "fit_gb",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="Find the fastest configuration of the profile predicted to fit a card "
+        "of this size (takes a few planner runs, ~2-3 min on 2 cores).",
+    )
+    @click.option(
+        "--save",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="With --fit: also write the configuration found as a profile file.",
+    )
+    @click.option(
+        "--no-sample", is_flag=True, help="Skip the predictions for nlora sample (faster)."
+    )
     @click.option("--no-cache", is_flag=True, help="Plan afresh even if this was planned before.")
     @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead.")
-    def plan(vram: float | None, fit_gb: float | None, save: Path | None, no_sample: bool,
-             no_cache: bool, as_json: bool, **kwargs: Any) -> None:
+    def plan(
+        vram: float | None,
+        fit_gb: float | None,
+        save: Path | None,
+        no_sample: bool,
+        no_cache: bool,
+        as_json: bool,
+        **kwargs: Any,
+    ) -> None:
         """PREDICT the peak GPU memory of a profile's training on the full-size model.
 
         Runs two real training steps and a validation sample of the profile on fake tensors
@@ -60,9 +83,13 @@ def register(cli: click.Group) -> None:
         from naruto_lora.plan import plan_profile
 
         total = len(PHASES) + (0 if no_sample else 1)
-        found = _with_progress(as_json, lambda on: plan_profile(
-            profile, sampling=not no_sample, use_cache=not no_cache, on_phase=on
-        ), total)
+        found = _with_progress(
+            as_json,
+            lambda on: plan_profile(
+                profile, sampling=not no_sample, use_cache=not no_cache, on_phase=on
+            ),
+            total,
+        )
         _show_plan(found, vram, as_json)
 
 
@@ -107,10 +134,14 @@ def plan_table(plan: Plan) -> Any:
     labels = ordered_labels({label for p in phases for label in p.split})
     for label in labels:
         table.add_row(category_name(label), *(_gib(p.split.get(label)) for p in phases))
-    table.add_row("[bold]tracked peak[/] (= CUDA max allocated)",
-                  *(f"[bold]{_gib(p.peak_bytes)}[/]" for p in phases))
-    table.add_row("allowance: CUDA context + allocator",
-                  *(_gib(allowance_bytes(p.peak_bytes)) for p in phases))
+    table.add_row(
+        "[bold]tracked peak[/] (= CUDA max allocated)",
+        *(f"[bold]{_gib(p.peak_bytes)}[/]" for p in phases),
+    )
+    table.add_row(
+        "allowance: CUDA context + allocator",
+        *(_gib(allowance_bytes(p.peak_bytes)) for p in phases),
+    )
     table.add_row("[bold]need[/]", *(f"[bold]{need_gib(p):.2f}[/]" for p in phases))
     table.add_row("peak happens in", *(p.where or "-" for p in phases))
     return table
@@ -126,7 +157,8 @@ def settings_line(settings: dict[str, Any]) -> str:
         s["optimizer"],
         f"text {s['cache_text']}",
         f"latents {'cached' if s['cache_latents'] else 'encoded each step'}",
-        f"validation every {s['validation_every_steps']} steps" if s["validation_every_steps"]
+        f"validation every {s['validation_every_steps']} steps"
+        if s["validation_every_steps"]
         else "no validation samples",
         "plugins: " + (", ".join(s["plugins"]) or "none"),
     ]
@@ -156,12 +188,17 @@ def _show_plan(plan: Plan, vram: float | None, as_json: bool) -> None:
     fits = verdict(plan.need_gib, card[1]) if card else None
     if as_json:
         out = plan.to_dict()
-        out["card"] = None if card is None else {"card": card[0], "capacity_gib": card[1],
-                                                 "verdict": fits[0], "detail": fits[1]}
+        out["card"] = (
+            None
+            if card is None
+            else {"card": card[0], "capacity_gib": card[1], "verdict": fits[0], "detail": fits[1]}
+        )
         click.echo(json.dumps(out, indent=2))
         return
-    console.print(f"[bold]nlora plan[/]: a PREDICTION, made on fake tensors (not a measurement). "
-                  f"Model: {escape(plan.model_source)}.")
+    console.print(
+        f"[bold]nlora plan[/]: a PREDICTION, made on fake tensors (not a measurement). "
+        f"Model: {escape(plan.model_source)}."
+    )
     for note in plan.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     console.print(f"Settings: {escape(settings_line(plan.settings))}.")
@@ -174,8 +211,10 @@ def _show_plan(plan: Plan, vram: float | None, as_json: bool) -> None:
         f"{plan.flops_per_update / 1e12:.1f} per optimizer step (x{accumulation})."
     )
     if card is None:
-        console.print("No CUDA GPU here: give --vram GB to check a card, or --fit GB to find "
-                      "a configuration for one.")
+        console.print(
+            "No CUDA GPU here: give --vram GB to check a card, or --fit GB to find "
+            "a configuration for one."
+        )
     else:
         style = {"fits": "green", "tight": "yellow"}.get(fits[0], "bold red")
         console.print(f"On {escape(card[0])}: [{style}]{fits[0]}[/] - {escape(fits[1])}.")
@@ -194,14 +233,26 @@ def _show_fit(result: FitResult, profile_name: str, save: Path | None, as_json: 
     if save is not None:
         atomic_write_text(save, toml_text)
     if as_json:
-        click.echo(json.dumps({
-            "prediction": True, "card_gb": result.card_gb, "capacity_gib": result.capacity_gib,
-            "changes": result.changes, "need_gib": round(result.plan.need_gib, 3),
-            "relative_step_time": round(result.relative_step_time, 3), "command": command,
-            "profile_toml": toml_text, "plan": result.plan.to_dict(),
-            "considered": result.considered, "fitting": result.fitting,
-            "rejected": [{"changes": c, "need_gib": n} for c, n in result.rejected],
-        }, indent=2, default=str))
+        click.echo(
+            json.dumps(
+                {
+                    "prediction": True,
+                    "card_gb": result.card_gb,
+                    "capacity_gib": result.capacity_gib,
+                    "changes": result.changes,
+                    "need_gib": round(result.plan.need_gib, 3),
+                    "relative_step_time": round(result.relative_step_time, 3),
+                    "command": command,
+                    "profile_toml": toml_text,
+                    "plan": result.plan.to_dict(),
+                    "considered": result.considered,
+                    "fitting": result.fitting,
+                    "rejected": [{"changes": c, "need_gib": n} for c, n in result.rejected],
+                },
+                indent=2,
+                default=str,
+            )
+        )
         return
     console.print(
         f"[bold]nlora plan --fit[/]: the fastest configuration of '{escape(result.base.name)}' "
@@ -211,8 +262,10 @@ def _show_fit(result: FitResult, profile_name: str, save: Path | None, as_json: 
     console.print(plan_table(result.plan))
     changes = ", ".join(f"{k} = {v!r}" for k, v in result.changes.items()) or "none: it fits as is"
     console.print(f"Changes: {escape(changes)}.")
-    console.print(f"Predicted need {result.plan.need_gib:.1f} GiB; step time "
-                  f"x{result.relative_step_time:.2f} of the profile as given (FLOP-count model).")
+    console.print(
+        f"Predicted need {result.plan.need_gib:.1f} GiB; step time "
+        f"x{result.relative_step_time:.2f} of the profile as given (FLOP-count model)."
+    )
     console.print("\nRun it with:")
     console.print(escape(command), markup=False, soft_wrap=True)
     console.print("\nOr as a profile file" + (f" (written to {save})" if save else "") + ":")

@@ -1,0 +1,191 @@
+"""Helpers shared by the benchmark scripts: the machine, device clocks and memory, peak FLOP
+rates, and a full-size SDXL model folder with random weights (no download)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense fp16/bf16 tensor-core rates with fp32 accumulation (what PyTorch's matmuls use), TFLOP/s,
+# from the vendors' data sheets; matched against torch.cuda.get_device_name() in this order.
+GPU_PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("RTX 4090", 165.2),
+    ("RTX 3090", 71.0),
+    ("A10G", 70.0),
+    ("T4", 65.0),
+    ("V100", 125.0),
+)
+
+
+def machine() -> dict[str, Any]:
+    """What ran the benchmark, for the results file."""
+    import diffusers
+
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_cores": os.cpu_count(),
+        "omp_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "gpu": None,
+    }
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
+        info["cpu"] = names[0] if names else info["cpu"]
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 2),
+                       "capability": f"{props.major}.{props.minor}"}
+    return info
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Clock:
+    """Wall-clock seconds between marks, with the device synchronised at each mark so GPU work
+    is charged to the phase that queued it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        sync(self.device)
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
+class PeakMemory:
+    """CUDA max allocated (and reserved) on a GPU; the largest sampled RSS on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.rss = 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def sample(self) -> None:
+        if self.device.type != "cuda":
+            import psutil
+
+            self.rss = max(self.rss, psutil.Process().memory_info().rss)
+
+    def report(self) -> dict[str, Any]:
+        if self.device.type == "cuda":
+            return {
+                "kind": "cuda_max_allocated",
+                "peak_gib": torch.cuda.max_memory_allocated(self.device) / 2**30,
+                "reserved_gib": torch.cuda.max_memory_reserved(self.device) / 2**30,
+            }
+        self.sample()
+        return {"kind": "rss", "peak_gib": self.rss / 2**30}
+
+
+def device_peak_tflops(device: torch.device) -> tuple[float | None, str]:
+    """(TFLOP/s, what it is): the data-sheet rate of a known GPU, or on a CPU the fp32 GEMM rate
+    measured here (a practical peak: there is no data sheet for a shared CPU)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_PEAK_TFLOPS:
+            if key in name:
+                return tflops, f"{name} data sheet, dense fp16/bf16"
+        return None, f"{name}: peak unknown"
+    size = 1024
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    runs = 8
+    started = time.perf_counter()
+    for _ in range(runs):
+        a @ b
+    seconds = time.perf_counter() - started
+    rate = 2 * size**3 * runs / seconds / 1e12
+    return rate, f"measured fp32 GEMM on {torch.get_num_threads()} thread(s)"
+
+
+# ------------------------------------------------------------------------------ full-size SDXL
+
+RANDOM_SDXL_VERSION = "1"
+
+
+def random_sdxl_folder(root: Path) -> Path:
+    """A diffusers folder with the published SDXL architecture and random weights in fp16 (the
+    tiny model's tokenizer files stand in for CLIP's): built once, about 7 GB on disk."""
+    from naruto_lora.io import atomic_dir
+
+    folder = root / f"sdxl-random-v{RANDOM_SDXL_VERSION}"
+    if (folder / ".complete").is_file():
+        return folder
+    with atomic_dir(folder) as tmp:
+        _random_pipeline().save_pretrained(tmp, safe_serialization=True)
+        (tmp / ".complete").write_text(RANDOM_SDXL_VERSION)
+    return folder
+
+
+def _initialised(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Materialise a meta module one submodule at a time with PyTorch's default initialisation,
+    then cast it: only one layer is ever in fp32, so the 2.6 B UNet needs ~5 GB of RAM, not 15."""
+    for sub in module.modules():
+        sub.to_empty(device="cpu", recurse=False)
+        own = list(sub.parameters(recurse=False))
+        if own and hasattr(sub, "reset_parameters"):
+            sub.reset_parameters()
+        else:
+            for p in own:
+                torch.nn.init.normal_(p, std=0.02)
+        for p in own:
+            p.data = p.data.to(dtype)
+    return module
+
+
+def _random_pipeline() -> Any:
+    import tempfile
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTokenizer
+
+    from naruto_lora import sdxl_configs
+    from naruto_lora.tiny import write_tokenizer
+
+    configs = sdxl_configs.published_configs(fp16_fix_vae=True)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        vae = AutoencoderKL.from_config(configs["vae"])
+        te1 = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))
+    modules = [_initialised(m, torch.float16) for m in (unet, vae, te1, te2)]
+    for encoder in modules[2:]:
+        # CLIP's position ids are a buffer the layer-by-layer pass leaves uninitialised.
+        ids = encoder.text_model.embeddings.position_ids
+        ids.copy_(torch.arange(ids.shape[-1]).expand_as(ids))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizers = [CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt",
+                                    model_max_length=sdxl_configs.TOKENIZER_MAX_LENGTH)
+                      for _ in range(2)]
+    return StableDiffusionXLPipeline(
+        vae=modules[1], text_encoder=modules[2], text_encoder_2=modules[3],
+        tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=modules[0],
+        scheduler=EulerDiscreteScheduler.from_config(configs["scheduler"]), add_watermarker=False,
+    )
