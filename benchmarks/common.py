@@ -49,8 +49,11 @@ def machine() -> dict[str, Any]:
         pass
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 2),
-                       "capability": f"{props.major}.{props.minor}"}
+        info["gpu"] = {
+            "name": props.name,
+            "memory_gib": round(props.total_memory / 2**30, 2),
+            "capability": f"{props.major}.{props.minor}",
+        }
     return info
 
 
@@ -60,16 +63,22 @@ def sync(device: torch.device) -> None:
 
 
 class Clock:
-    """Wall-clock seconds between marks, with the device synchronised at each mark so GPU work
-    is charged to the phase that queued it."""
+    """Seconds between marks. On a GPU: wall-clock, the device synchronised at each mark so GPU
+    work is charged to the phase that queued it. On a CPU: this process's CPU time, so that other
+    jobs on a shared machine do not count (``wall=True`` for wall-clock there too)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, wall: bool = False) -> None:
         self.device = device
-        self.last = time.perf_counter()
+        self.read = time.perf_counter if wall or device.type == "cuda" else time.process_time
+        self.last = self.read()
+
+    @property
+    def kind(self) -> str:
+        return "wall" if self.read is time.perf_counter else "process CPU"
 
     def lap(self) -> float:
         sync(self.device)
-        now = time.perf_counter()
+        now = self.read()
         elapsed, self.last = now - self.last, now
         return elapsed
 
@@ -112,13 +121,13 @@ def device_peak_tflops(device: torch.device) -> tuple[float | None, str]:
     size = 1024
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b  # warm-up
-    runs = 8
-    started = time.perf_counter()
+    runs = 16
+    started = time.process_time()  # CPU time, like the CPU runs' clock
     for _ in range(runs):
         a @ b
-    seconds = time.perf_counter() - started
+    seconds = time.process_time() - started
     rate = 2 * size**3 * runs / seconds / 1e12
-    return rate, f"measured fp32 GEMM on {torch.get_num_threads()} thread(s)"
+    return rate, f"measured fp32 GEMM on {torch.get_num_threads()} thread(s), per CPU second"
 
 
 # ------------------------------------------------------------------------------ full-size SDXL
@@ -159,10 +168,18 @@ def _initialised(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
 def _random_pipeline() -> Any:
     import tempfile
 
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    from transformers import CLIPTokenizer
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
 
     from naruto_lora import sdxl_configs
     from naruto_lora.tiny import write_tokenizer
@@ -176,16 +193,27 @@ def _random_pipeline() -> Any:
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))
     modules = [_initialised(m, torch.float16) for m in (unet, vae, te1, te2)]
     for encoder in modules[2:]:
-        # CLIP's position ids are a buffer the layer-by-layer pass leaves uninitialised.
-        ids = encoder.text_model.embeddings.position_ids
-        ids.copy_(torch.arange(ids.shape[-1]).expand_as(ids))
+        # CLIP's position ids are a buffer that to_empty leaves uninitialised.
+        for name, ids in encoder.named_buffers():
+            if name.endswith("position_ids"):
+                ids.copy_(torch.arange(ids.shape[-1]).expand_as(ids))
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer(Path(tmp))
-        tokenizers = [CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt",
-                                    model_max_length=sdxl_configs.TOKENIZER_MAX_LENGTH)
-                      for _ in range(2)]
+        tokenizers = [
+            CLIPTokenizer(
+                f"{tmp}/vocab.json",
+                f"{tmp}/merges.txt",
+                model_max_length=sdxl_configs.TOKENIZER_MAX_LENGTH,
+            )
+            for _ in range(2)
+        ]
     return StableDiffusionXLPipeline(
-        vae=modules[1], text_encoder=modules[2], text_encoder_2=modules[3],
-        tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=modules[0],
-        scheduler=EulerDiscreteScheduler.from_config(configs["scheduler"]), add_watermarker=False,
+        vae=modules[1],
+        text_encoder=modules[2],
+        text_encoder_2=modules[3],
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        unet=modules[0],
+        scheduler=EulerDiscreteScheduler.from_config(configs["scheduler"]),
+        add_watermarker=False,
     )

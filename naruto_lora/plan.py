@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from naruto_lora.memtrack import GIB
+from naruto_lora.plan_core import PLUGIN_PREFIX, PhasePeak, SimTarget
 from naruto_lora.plan_models import ModelConfigs, load_model_configs
-from naruto_lora.plan_sim import PLUGIN_PREFIX, PhasePeak, SimTarget
 from naruto_lora.profile import Profile
 
 PLANNER_VERSION = 1
@@ -56,7 +56,7 @@ CATEGORY_ORDER = ("weights", "lora", "lora_grads", "optimizer", "text_encoders",
 
 def category_name(label: str) -> str:
     if label.startswith(PLUGIN_PREFIX):
-        return f"{label[len(PLUGIN_PREFIX):]} plugin state"
+        return f"{label[len(PLUGIN_PREFIX) :]} plugin state"
     return CATEGORY_NAMES.get(label, label)
 
 
@@ -160,7 +160,7 @@ def profile_settings(profile: Profile) -> dict[str, Any]:
 
 def _sampling_worker(name: str, raw: dict[str, Any], configs: ModelConfigs) -> list[PhasePeak]:
     """``nlora sample`` with and without ``--low-vram`` (run in a second process)."""
-    from naruto_lora.plan_sim import simulate_sampling
+    from naruto_lora.plan_pipeline import simulate_sampling
     from naruto_lora.profile import validate
 
     profile = validate(name, raw)
@@ -260,8 +260,12 @@ def _cache_key(profile: Profile, configs: ModelConfigs, sampling: bool) -> str:
     raw["cache"].pop("dir", None)
     material = {
         "planner": PLANNER_VERSION,
-        "versions": [torch.__version__, diffusers.__version__, transformers.__version__,
-                     peft.__version__],
+        "versions": [
+            torch.__version__,
+            diffusers.__version__,
+            transformers.__version__,
+            peft.__version__,
+        ],
         "configs": dataclasses.asdict(configs),
         "profile": raw,
         "sampling": sampling,
@@ -285,12 +289,13 @@ def _read_cache(key: str) -> Plan | None:
 
 
 def _write_cache(key: str, plan: Plan) -> None:
+    import contextlib
+
     from naruto_lora.io import atomic_write_text
 
-    try:
+    # A read-only cache folder only costs the next run its time.
+    with contextlib.suppress(OSError):
         atomic_write_text(_cache_file(key), json.dumps(dataclasses.asdict(plan)))
-    except OSError:
-        pass  # a read-only cache folder only costs the next run its time
 
 
 # ------------------------------------------------------------------------------ cards

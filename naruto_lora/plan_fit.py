@@ -30,7 +30,7 @@ from typing import Any
 from naruto_lora.errors import UserError
 from naruto_lora.memtrack import GIB
 from naruto_lora.plan import TIGHT_HEADROOM, Plan, allowance_bytes, plan_profile, usable_gib
-from naruto_lora.plan_sim import PLUGIN_PREFIX
+from naruto_lora.plan_core import PLUGIN_PREFIX
 from naruto_lora.profile import Profile, apply_override, validate
 
 CHECKPOINTING = "gradient_checkpointing"
@@ -124,8 +124,11 @@ def device_plugins(profile: Profile) -> list[str]:
 def batch_splits(profile: Profile) -> list[tuple[int, int]]:
     """(micro-batch, accumulation) pairs with the profile's effective batch."""
     effective = profile.train.batch_size * profile.train.gradient_accumulation_steps
-    return [(b, effective // b) for b in range(1, min(effective, MAX_MICRO_BATCH) + 1)
-            if effective % b == 0]
+    return [
+        (b, effective // b)
+        for b in range(1, min(effective, MAX_MICRO_BATCH) + 1)
+        if effective % b == 0
+    ]
 
 
 def candidates(profile: Profile) -> Iterator[Candidate]:
@@ -138,8 +141,14 @@ def candidates(profile: Profile) -> Iterator[Candidate]:
     devices = [[(n, d) for d in ("same", "cpu")] for n in device_plugins(profile)]
     validation = [True, False] if profile.validation.every_steps > 0 else [False]
     for res, rank, ckpt, text, devs, opt, (batch, accum), val in itertools.product(
-        resolutions, ranks, checkpointing, ("memory", "disk"), itertools.product(*devices),
-        ("adamw", "adamw8bit"), batch_splits(profile), validation,
+        resolutions,
+        ranks,
+        checkpointing,
+        ("memory", "disk"),
+        itertools.product(*devices),
+        ("adamw", "adamw8bit"),
+        batch_splits(profile),
+        validation,
     ):
         yield Candidate(res, rank, ckpt, text, tuple(devs), opt, batch, accum, val)
 
@@ -186,7 +195,9 @@ class MemoryModel:
         if c.validation or not self.base.cache.latents:
             resident += self.vae
         batch_scale = c.batch_size / self.base.train.batch_size
-        train = self.lora_state(c, True) + self.train_activations[c.checkpointing] * scale * batch_scale
+        train = (
+            self.lora_state(c, True) + self.train_activations[c.checkpointing] * scale * batch_scale
+        )
         peak = resident + train
         if c.validation:
             sample = self.lora_state(c, False) + self.validation_activations * scale
@@ -214,13 +225,17 @@ class MemoryModel:
 
 
 def current_candidate(profile: Profile) -> Candidate:
-    devices = tuple(
-        (name, profile.plugins[name].config.device) for name in device_plugins(profile)
-    )
+    devices = tuple((name, profile.plugins[name].config.device) for name in device_plugins(profile))
     return Candidate(
-        profile.data.resolution, profile.lora.rank, _checkpointing(profile), profile.cache.text,
-        devices, profile.train.optimizer, profile.train.batch_size,
-        profile.train.gradient_accumulation_steps, profile.validation.every_steps > 0,
+        profile.data.resolution,
+        profile.lora.rank,
+        _checkpointing(profile),
+        profile.cache.text,
+        devices,
+        profile.train.optimizer,
+        profile.train.batch_size,
+        profile.train.gradient_accumulation_steps,
+        profile.validation.every_steps > 0,
     )
 
 
@@ -235,7 +250,7 @@ def build_model(base: Profile, plans: dict[bool, Plan], configs: Any) -> MemoryM
     plugin_bytes = {}
     for label, size in {**first.training.host, **first.training.split}.items():
         if label.startswith(PLUGIN_PREFIX):
-            plugin_bytes[label[len(PLUGIN_PREFIX):]] = size / n
+            plugin_bytes[label[len(PLUGIN_PREFIX) :]] = size / n
     validation = first.validation.split.get("activations", 0) if first.validation else 0
     text_bytes, text_params = _text_encoder_size(base, configs)
     return MemoryModel(
@@ -256,19 +271,21 @@ def build_model(base: Profile, plans: dict[bool, Plan], configs: Any) -> MemoryM
 
 
 def _text_encoder_size(profile: Profile, configs: Any) -> tuple[int, int]:
+    from naruto_lora.plan_core import SimTarget, weight_dtype_for
     from naruto_lora.plan_models import meta_text_encoders
-    from naruto_lora.plan_sim import SimTarget, weight_dtype_for
 
     dtype, _ = weight_dtype_for(profile, SimTarget())
     encoders = meta_text_encoders(configs, dtype)
     params = sum(p.numel() for e in encoders for p in e.parameters())
-    size = sum(t.numel() * t.element_size() for e in encoders for t in [*e.parameters(), *e.buffers()])
+    size = sum(
+        t.numel() * t.element_size() for e in encoders for t in [*e.parameters(), *e.buffers()]
+    )
     return size, params
 
 
 def _vae_bytes(profile: Profile, configs: Any) -> int:
+    from naruto_lora.plan_core import SimTarget, weight_dtype_for
     from naruto_lora.plan_models import meta_vae
-    from naruto_lora.plan_sim import SimTarget, weight_dtype_for
 
     dtype, _ = weight_dtype_for(profile, SimTarget())
     return sum(p.numel() * p.element_size() for p in meta_vae(configs, dtype).parameters())
@@ -297,30 +314,42 @@ class FitResult:
 
 def _quality_then_speed(model: MemoryModel, current: Candidate) -> Callable[[Candidate], tuple]:
     def key(c: Candidate) -> tuple:
-        changes = sum(a != b for a, b in zip(dataclasses.astuple(c), dataclasses.astuple(current)))
+        changes = sum(
+            a != b
+            for a, b in zip(dataclasses.astuple(c), dataclasses.astuple(current), strict=True)
+        )
         return (-c.resolution, -c.rank, not c.validation, round(model.step_seconds(c), 6), changes)
 
     return key
 
 
-def measure(profile: Profile, model: str | None, on_phase: Callable[[str], None] | None
-            ) -> dict[bool, Plan]:
+def measure(
+    profile: Profile, model: str | None, on_phase: Callable[[str], None] | None
+) -> dict[bool, Plan]:
     """Planner runs of the profile as given and with checkpointing switched the other way."""
+
     def announce(prefix: str) -> Callable[[str], None] | None:
         return None if on_phase is None else (lambda phase: on_phase(f"{prefix}: {phase}"))
 
     as_given = _checkpointing(profile)
-    plans = {as_given: plan_profile(profile, model=model, sampling=False,
-                                    on_phase=announce("as given"))}
+    plans = {
+        as_given: plan_profile(profile, model=model, sampling=False, on_phase=announce("as given"))
+    }
     if CHECKPOINTING in profile.plugins:
         switched = profile_with(profile, {f"plugins.{CHECKPOINTING}.enabled": not as_given})
-        plans[not as_given] = plan_profile(switched, model=model, sampling=False,
-                                           on_phase=announce("checkpointing switched"))
+        plans[not as_given] = plan_profile(
+            switched, model=model, sampling=False, on_phase=announce("checkpointing switched")
+        )
     return plans
 
 
-def fit_profile(profile: Profile, card_gb: float, *, model: str | None = None,
-                on_phase: Callable[[str], None] | None = None) -> FitResult:
+def fit_profile(
+    profile: Profile,
+    card_gb: float,
+    *,
+    model: str | None = None,
+    on_phase: Callable[[str], None] | None = None,
+) -> FitResult:
     """The fastest configuration of ``profile`` predicted to fit a card sold as ``card_gb`` GB."""
     from naruto_lora.plan_models import load_model_configs
 
@@ -331,8 +360,9 @@ def fit_profile(profile: Profile, card_gb: float, *, model: str | None = None,
     memory = build_model(profile, plans, load_model_configs(profile.model, model))
     current = current_candidate(profile)
     every = list(candidates(profile))
-    fitting = sorted((c for c in every if memory.need_gib(c) <= budget),
-                     key=_quality_then_speed(memory, current))
+    fitting = sorted(
+        (c for c in every if memory.need_gib(c) <= budget), key=_quality_then_speed(memory, current)
+    )
     rejected: list[tuple[dict[str, Any], float]] = []
     for choice in fitting[:CONFIRMATIONS]:
         chosen = profile_with(profile, choice.assignments(profile))
@@ -341,9 +371,16 @@ def fit_profile(profile: Profile, card_gb: float, *, model: str | None = None,
         plan = plan_profile(chosen, model=model, sampling=False)
         if plan.need_gib <= budget:
             return FitResult(
-                card_gb, capacity, profile, chosen, plan, memory.need_gib(choice),
-                memory.step_seconds(choice) / memory.step_seconds(current), len(every),
-                len(fitting), rejected,
+                card_gb,
+                capacity,
+                profile,
+                chosen,
+                plan,
+                memory.need_gib(choice),
+                memory.step_seconds(choice) / memory.step_seconds(current),
+                len(every),
+                len(fitting),
+                rejected,
             )
         rejected.append((changed_keys(profile, chosen), plan.need_gib))
     smallest = min(every, key=memory.need_gib)
@@ -351,7 +388,8 @@ def fit_profile(profile: Profile, card_gb: float, *, model: str | None = None,
         f"No configuration of profile '{profile.name}' is predicted to fit a {card_gb:g} GB card "
         f"({capacity:.1f} GiB usable, {budget:.1f} with a {TIGHT_HEADROOM:.0%} margin): the "
         f"smallest needs about {memory.need_gib(smallest):.1f} "
-        "GiB" + (f" and {len(rejected)} confirmed candidates did not fit" if rejected else "")
+        "GiB"
+        + (f" and {len(rejected)} confirmed candidates did not fit" if rejected else "")
         + ".",
         hint="The UNet weights alone need "
         f"{memory.weights / GIB:.1f} GiB; a card this small cannot train this model.",

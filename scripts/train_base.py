@@ -160,6 +160,19 @@ def finetune_decoder(vae, pixels: torch.Tensor, steps: int, batch: int, lr: floa
 
 
 @torch.no_grad()
+def pin_posterior_std(vae, logvar: float = -12.0) -> None:
+    """Make the posterior's log-variance a constant -12 (std 0.0025), leaving its mean as it is.
+
+    Our short VAE training lets the std drift to about a quarter of the latents' spread; then
+    ``latent_dist.sample()`` (what latent caches, ours included, call) returns noisy latents
+    and a LoRA learns to draw noise. SD's VAE has a std far below its latents' spread too.
+    """
+    half = vae.config.latent_channels
+    vae.encoder.conv_out.weight[half:] = 0.0
+    vae.encoder.conv_out.bias[half:] = logvar
+
+
+@torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     return torch.cat([vae.encode(pixels[i:i + 64]).latent_dist.mean for i in range(0, len(pixels), 64)])
 
@@ -337,6 +350,7 @@ def main() -> None:
         return
     train_vae(vae, vae_pixels, args.vae_steps, args.vae_batch, args.vae_lr, log)
     finetune_decoder(vae, vae_pixels, args.decoder_steps, args.vae_batch, args.decoder_lr, log)
+    pin_posterior_std(vae)
     raw = encode_latents(vae, pixels)
     # As Stable Diffusion: scale latents to unit variance so the noise schedule fits them.
     vae.register_to_config(scaling_factor=round(1.0 / raw.std().item(), 4))

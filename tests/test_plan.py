@@ -30,7 +30,8 @@ def tiny_configs(tiny_model_dir):
 def test_prediction_matches_a_real_run_of_the_same_step(tiny_configs, overrides):
     """Fake tensors (the prediction) and real tensors (the tiny model loaded from its folder,
     really trained for the same steps) give the same tracked peaks and split."""
-    from naruto_lora.plan_sim import SimTarget, simulate_training
+    from naruto_lora.plan_core import SimTarget
+    from naruto_lora.plan_sim import simulate_training
 
     profile = load_profile("tiny", overrides=overrides)
     predicted = simulate_training(profile, tiny_configs, target=SimTarget("cpu", fake=True))
@@ -39,7 +40,9 @@ def test_prediction_matches_a_real_run_of_the_same_step(tiny_configs, overrides)
     assert predicted.training.split.keys() == measured.training.split.keys()
     for label, size in measured.training.split.items():
         assert predicted.training.split[label] == pytest.approx(size, rel=0.01), label
-    assert predicted.validation.peak_bytes == pytest.approx(measured.validation.peak_bytes, rel=0.01)
+    assert predicted.validation.peak_bytes == pytest.approx(
+        measured.validation.peak_bytes, rel=0.01
+    )
     assert predicted.flops_per_micro_step == measured.flops_per_micro_step > 0
     if "cache.latents=false" in overrides:
         assert "vae" in measured.training.split and "text_encoders" in measured.training.split
@@ -81,7 +84,7 @@ def test_plan_report_arithmetic_and_cache(tiny_configs, tiny_model_dir):
 
 
 def test_sampling_predictions_low_vram_needs_less(tiny_configs):
-    from naruto_lora.plan_sim import simulate_sampling
+    from naruto_lora.plan_pipeline import simulate_sampling
 
     profile = load_profile("tiny")
     full = simulate_sampling(profile, tiny_configs, low_vram=False)
@@ -99,7 +102,9 @@ def test_fit_output_reproduces_the_configuration(tiny_model_dir, tmp_path):
     from naruto_lora.plan_fit import fit_profile, profile_toml, set_line
     from naruto_lora.profile import parse_set
 
-    profile = load_profile("tiny", overrides=["train.batch_size=2", "train.gradient_accumulation_steps=2"])
+    profile = load_profile(
+        "tiny", overrides=["train.batch_size=2", "train.gradient_accumulation_steps=2"]
+    )
     result = fit_profile(profile, 2.0)
     assert result.plan.need_gib <= result.capacity_gib
     assert result.changes  # tiny on 2 GB: room for a faster split of the effective batch

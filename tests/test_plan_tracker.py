@@ -73,7 +73,9 @@ def _live_storage_bytes(tracked: set[int]) -> int:
 def test_total_matches_the_live_tensors_after_a_training_step():
     torch.manual_seed(0)
     with AllocationTracker() as tracker:
-        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 8))
+        model = torch.nn.Sequential(
+            torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 8)
+        )
         optimizer = torch.optim.AdamW(model.parameters())
         x = torch.randn(32, 64)
         loss = model(x).square().mean()

@@ -11,28 +11,54 @@ import click
 from naruto_lora.cli.common import GuardedCommand, load_profile_from_options, profile_options
 
 
-def _resume_command(profile_arg: str, profile: Any) -> str:
+def _resume_command(profile_arg: str, profile: Any, processes: int = 1) -> str:
     args = ["nlora", "train", "--profile", profile_arg, "--output", profile.train.output_dir]
+    if processes > 1:
+        args += ["--num-processes", str(processes)]
     return " ".join(shlex.quote(a) for a in args) + " --resume latest"
 
 
-def _report_interrupted(result: Any, profile_arg: str, profile: Any) -> int:
+def _launch(ctx: click.Context, num_processes: int, options: Any, kwargs: dict) -> int:
+    """Re-run this command as N processes (see naruto_lora.train.launch)."""
+    from naruto_lora.console import console
+    from naruto_lora.train.launch import check_process_count, forwarded_args, launch
+    from naruto_lora.train.setup import check_inputs
+
+    check_process_count(num_processes, options.device)
+    # A bad --set, output folder or --resume fails here, once, rather than in every process.
+    profile = load_profile_from_options(kwargs)
+    check_inputs(profile, options, num_processes)
+    train = profile.train
+    console.print(
+        f"Launching {num_processes} training processes through accelerate (effective batch "
+        f"{num_processes} x {train.batch_size} x {train.gradient_accumulation_steps} = "
+        f"{num_processes * train.batch_size * train.gradient_accumulation_steps})."
+    )
+    debug = ["--debug"] if (ctx.find_root().obj or {}).get("debug") else []
+    args = [*debug, "train", *forwarded_args(ctx.command, ctx.params)]
+    return launch(num_processes, args, options.device)
+
+
+def _report_interrupted(result: Any, profile_arg: str, profile: Any, processes: int = 1) -> int:
     from rich.markup import escape
 
     from naruto_lora.console import err_console
 
-    err_console.print(
-        f"[yellow]Stopped by {result.interrupted} at step {result.global_step} "
-        f"(epoch {result.epoch + 1}); checkpoint: {escape(str(result.checkpoint))}.[/]\n"
-        "Resume with the same command plus --resume latest, e.g.\n"
-        f"  {escape(_resume_command(profile_arg, profile))}\n"
-        "(repeat any --set / --enable / --disable options you gave).",
-        soft_wrap=True,
-    )
     signum = (
         signal.Signals[result.interrupted]
         if result.interrupted in signal.Signals.__members__
         else signal.SIGINT
+    )
+    if not result.main_process:
+        return 128 + int(signum)
+    err_console.print(
+        f"[yellow]Stopped by {result.interrupted} at step {result.global_step} "
+        f"(epoch {result.epoch + 1}); checkpoint: {escape(str(result.checkpoint))}.[/]\n"
+        "Resume with the same command plus --resume latest, e.g.\n"
+        f"  {escape(_resume_command(profile_arg, profile, processes))}\n"
+        "(repeat any --set / --enable / --disable options you gave, and launch with as many "
+        "processes as before).",
+        soft_wrap=True,
     )
     return 128 + int(signum)  # the shell's convention for "ended by signal N"
 
@@ -77,6 +103,16 @@ def register(cli: click.Group) -> None:
     @click.option(
         "--tensorboard", is_flag=True, help="Also log to OUTPUT/logs through accelerate's trackers."
     )
+    @click.option(
+        "--num-processes",
+        "num_processes",
+        type=int,
+        default=1,
+        show_default=True,
+        metavar="N",
+        help="Train as N processes on this machine (one per GPU; on a CPU, gloo), launched "
+        "through accelerate. Effective batch: N x batch x accumulation.",
+    )
     @click.pass_context
     def train_cmd(
         ctx: click.Context,
@@ -84,6 +120,7 @@ def register(cli: click.Group) -> None:
         no_auto_cache: bool,
         device: str,
         tensorboard: bool,
+        num_processes: int,
         **kwargs: Any,
     ) -> None:
         """Train the UNet LoRA of a profile: caches first (built if missing or stale), then the
@@ -91,15 +128,19 @@ def register(cli: click.Group) -> None:
         LoRA in diffusers format, loss curve, samples and model card in the output folder.
 
         Ctrl-C or SIGTERM writes a checkpoint first; continue with --resume latest.
+        Several GPUs: --num-processes N, or `accelerate launch -m naruto_lora train ...`.
         """
         from naruto_lora.train import TrainOptions, train
 
         profile_arg = kwargs["profile_name"]
-        profile = load_profile_from_options(kwargs)
         options = TrainOptions(
             resume=resume, auto_cache=not no_auto_cache, device=device, tensorboard=tensorboard
         )
+        if num_processes != 1:
+            ctx.exit(_launch(ctx, num_processes, options, dict(kwargs)))
+        profile = load_profile_from_options(kwargs)
         result = train(profile, options)
         if result.interrupted:
-            ctx.exit(_report_interrupted(result, profile_arg, profile))
-        _report_finished(result)
+            ctx.exit(_report_interrupted(result, profile_arg, profile, result.processes))
+        if result.main_process:
+            _report_finished(result)

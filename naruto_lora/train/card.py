@@ -22,6 +22,7 @@ class RunSummary:
     precision: str  # what the frozen weights ran in: fp32, fp16, bf16
     sample_grid: str | None  # relative to the output folder
     has_ema: bool
+    processes: int = 1
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
@@ -44,16 +45,28 @@ def _training_rows(profile: Any, run: RunSummary) -> list[tuple[str, Any]]:
             f"targets {', '.join(profile.lora.target_modules)}",
         ),
         ("steps", f"{run.steps} optimizer updates ({run.epochs_seen} epoch(s) seen)"),
-        ("effective batch", f"{train.batch_size} x {train.gradient_accumulation_steps}"),
+        ("effective batch", _effective_batch(train, run.processes)),
         (
             "learning rate",
             f"{train.learning_rate:g}, {train.lr_scheduler}, {train.lr_warmup_steps} warm-up steps",
         ),
-        ("precision", f"{run.precision} on {run.device} (LoRA weights in fp32)"),
+        ("precision", f"{run.precision} on {_devices(run)} (LoRA weights in fp32)"),
         ("plugins", ", ".join(profile.enabled_plugins()) or "none"),
         ("final loss (smoothed)", loss),
         ("training time", _duration(run.train_s)),
     ]
+
+
+def _effective_batch(train: Any, processes: int) -> str:
+    per_process = f"{train.batch_size} x {train.gradient_accumulation_steps}"
+    if processes == 1:
+        return per_process
+    total = processes * train.batch_size * train.gradient_accumulation_steps
+    return f"{total} ({processes} processes x {per_process})"
+
+
+def _devices(run: RunSummary) -> str:
+    return run.device if run.processes == 1 else f"{run.processes} x {run.device}"
 
 
 def _duration(seconds: float) -> str:

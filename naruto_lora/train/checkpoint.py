@@ -5,12 +5,16 @@ A checkpoint folder holds
 * ``pytorch_lora_weights.safetensors`` (and ``ema_unet/...`` with EMA): what
   ``nlora_lora_weights_to_save`` answers, loadable like a finished run's output;
 * ``lora_parameters.safetensors``: the trainable parameters by name, exactly, for resume;
-* ``training_state.pt``: optimizer, LR scheduler, grad scaler, every RNG state, counters;
+* ``training_state.pt``: optimizer, LR scheduler, grad scaler, every RNG state (of every
+  process, in a multi-process run), counters, the number of processes;
 * ``plugins.pt``: what the plugins returned from ``nlora_checkpoint_state``;
 * ``trainer.json``: step, epoch, data position and the run identity, for people and checks.
 
 The folder is built under a temporary name and renamed into place, so a kill at any moment leaves
 no half-written checkpoint. Everything loads with ``torch.load(weights_only=True)`` or safetensors.
+
+In a multi-process run every process calls ``save_checkpoint`` (each hands its random states to
+the main process, which alone writes) and ``load_checkpoint`` (each restores its own).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from naruto_lora.errors import UserError
 from naruto_lora.lora import adapter_metadata
+from naruto_lora.train.distributed import gather_objects
 from naruto_lora.train.outputs import (
     CHECKPOINTS,
     identity_differences,
@@ -83,13 +88,17 @@ def _plugin_state(run: Any) -> dict[str, Any]:
     return merged
 
 
-def _training_state(run: Any) -> dict[str, Any]:
+def _training_state(run: Any, rng_by_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """The optimizer, schedule and scaler are the same on every process (DDP keeps the
+    parameters equal); the random states are not, so all of them are kept."""
     scaler = run.accelerator.scaler
     return {
         "optimizer": run.optimizer.state_dict(),
         "lr_scheduler": run.lr_scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": capture_rng(run.generator),
+        "rng": rng_by_rank[0],
+        "rng_by_rank": rng_by_rank,
+        "num_processes": len(rng_by_rank),
         "global_step": run.state.global_step,
         "epoch": run.position.epoch,
         "batch_in_epoch": run.position.batch,
@@ -105,12 +114,25 @@ def _info(run: Any) -> dict[str, Any]:
         "epoch": run.position.epoch,
         "batch_in_epoch": run.position.batch,
         "profile": run.profile.name,
+        "num_processes": run.accelerator.num_processes,
         "identity": run_identity(run.profile.to_dict()),
     }
 
 
 def save_checkpoint(run: Any) -> Path:
-    """Write ``checkpoints/step-N`` atomically, then keep only the newest ``checkpoints_keep``."""
+    """Write ``checkpoints/step-N`` atomically, then keep only the newest ``checkpoints_keep``.
+
+    Every process calls this; the main process writes, and all return once the checkpoint is
+    complete."""
+    rng_by_rank = gather_objects(run.accelerator, capture_rng(run.generator))
+    path = Path(run.state.output_dir) / CHECKPOINTS / f"step-{run.state.global_step}"
+    if run.is_main:
+        _write_checkpoint(run, path, rng_by_rank)
+    run.accelerator.wait_for_everyone()
+    return path
+
+
+def _write_checkpoint(run: Any, path: Path, rng_by_rank: list[dict[str, Any]]) -> None:
     from safetensors.torch import save_file
 
     from naruto_lora.io import atomic_dir
@@ -118,18 +140,16 @@ def save_checkpoint(run: Any) -> Path:
     step = run.state.global_step
     plugin_state = _plugin_state(run)
     weights = run.pm.hook.nlora_lora_weights_to_save(state=run.state)
-    path = Path(run.state.output_dir) / CHECKPOINTS / f"step-{step}"
     with atomic_dir(path) as tmp:
         write_lora_weights(
             tmp, weights, adapter_metadata(run.state.unet), weights_metadata(run.profile, step)
         )
         params = {n: p.detach().cpu().contiguous() for n, p in _trainable(run.state.unet).items()}
         save_file(params, str(tmp / PARAMS_NAME))
-        torch.save(_training_state(run), tmp / STATE_NAME)
+        torch.save(_training_state(run, rng_by_rank), tmp / STATE_NAME)
         torch.save(plugin_state, tmp / PLUGINS_NAME)
         (tmp / INFO_NAME).write_text(json.dumps(_info(run), indent=2), encoding="utf-8")
     prune_checkpoints(run.state.output_dir, run.profile.train.checkpoints_keep)
-    return path
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
@@ -141,8 +161,9 @@ def _trainable(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in unet.named_parameters() if p.requires_grad}
 
 
-def check_checkpoint(path: Path, profile: Any) -> None:
-    """A checkpoint of this run: same identity (model, data, LoRA shape, batching, seed)."""
+def check_checkpoint(path: Path, profile: Any, num_processes: int | None = None) -> None:
+    """A checkpoint of this run: same identity (model, data, LoRA shape, batching, seed) and,
+    when ``num_processes`` is given, the same number of processes."""
     info = json.loads((path / INFO_NAME).read_text(encoding="utf-8"))
     differences = identity_differences(info["identity"], run_identity(profile.to_dict()))
     if differences:
@@ -150,6 +171,16 @@ def check_checkpoint(path: Path, profile: Any) -> None:
             f"Checkpoint '{path}' was written by a different run: {'; '.join(differences)}.",
             hint="Resume with the profile and options it was written with (see its "
             "output folder's profile.toml).",
+        )
+    saved = int(info.get("num_processes", 1))  # checkpoints from before multi-process: one
+    if num_processes is not None and saved != num_processes:
+        # The data position counts batches of each process's share and the schedule was
+        # planned for that many processes: another count would be another run.
+        raise UserError(
+            f"Checkpoint '{path}' was written by {saved} process(es); this run has "
+            f"{num_processes}.",
+            hint=f"Resume with {saved} process(es) (e.g. nlora train --num-processes {saved} "
+            "..., or the same accelerate launch / torchrun settings).",
         )
 
 
@@ -168,7 +199,7 @@ def _load_parameters(run: Any, path: Path) -> None:
 def load_checkpoint(run: Any, path: Path) -> None:
     """Restore everything ``save_checkpoint`` wrote; after this the next step is the one the
     checkpointed run would have taken."""
-    check_checkpoint(path, run.profile)
+    check_checkpoint(path, run.profile, num_processes=run.accelerator.num_processes)
     _load_parameters(run, path)
     saved = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
     run.optimizer.load_state_dict(saved["optimizer"])
@@ -185,4 +216,5 @@ def load_checkpoint(run: Any, path: Path) -> None:
     plugin_state = torch.load(path / PLUGINS_NAME, map_location="cpu", weights_only=True)
     run.pm.hook.nlora_load_checkpoint_state(state=run.state, saved=plugin_state)
     # Last: nothing after this may draw random numbers before the first resumed step.
-    restore_rng(saved["rng"], run.generator)
+    by_rank = saved.get("rng_by_rank") or [saved["rng"]]
+    restore_rng(by_rank[run.accelerator.process_index], run.generator)

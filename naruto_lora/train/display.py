@@ -27,7 +27,9 @@ class _ProgressWithStats(Progress):
 class TrainDisplay:
     """A rich progress bar over optimizer steps with the run's vital signs beside it."""
 
-    def __init__(self, total_steps: int, start_step: int, memory_kind: str) -> None:
+    def __init__(
+        self, total_steps: int, start_step: int, memory_kind: str, enabled: bool = True
+    ) -> None:
         self.total_steps = total_steps
         self.start_step = start_step
         self.memory_kind = memory_kind
@@ -35,7 +37,7 @@ class TrainDisplay:
         self._progress = _ProgressWithStats(
             *shared.columns,
             console=shared.console,
-            disable=shared.disable,
+            disable=shared.disable or not enabled,  # only the main process shows it
             transient=shared.live.transient,
         )
         self._task: Any = None

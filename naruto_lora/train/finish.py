@@ -25,30 +25,32 @@ class TrainResult:
     interrupted: str | None = None  # the signal's name when Ctrl-C / SIGTERM stopped the run
     checkpoint: Path | None = None
     final_loss: float | None = None
-    weights: list[Path] = field(default_factory=list)
+    weights: list[Path] = field(default_factory=list)  # empty on all but the main process
+    main_process: bool = True  # False: another process of the run reports it
+    processes: int = 1
 
 
 def checkpoint_now(run: Any) -> Path | None:
-    """A checkpoint of the current step: the one just written at this step, or a new one."""
-    if not run.is_main:
-        return None
+    """A checkpoint of the current step: the one just written at this step, or a new one.
+    Every process calls this (see ``save_checkpoint``)."""
     last = run.last_checkpoint
     if last is None or last.name != f"step-{run.state.global_step}":
         run.last_checkpoint = save_checkpoint(run)
     return run.last_checkpoint
 
 
-def interrupted(run: Any, stop: Any) -> TrainResult:
+def interrupted(run: Any, signal_name: str) -> TrainResult:
     path = checkpoint_now(run)
-    run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     return TrainResult(
         output_dir=run.state.output_dir,
         global_step=run.state.global_step,
         epoch=run.position.epoch,
-        interrupted=stop.signal_name,
+        interrupted=signal_name,
         checkpoint=path,
         final_loss=run.smoothed_loss.value,
+        main_process=run.is_main,
+        processes=run.accelerator.num_processes,
     )
 
 
@@ -88,7 +90,7 @@ def finish(run: Any) -> TrainResult:
         )
         plot_loss(run.metrics.path, output_dir / LOSS_PLOT_NAME)
         write_model_card(run.profile, output_dir, _summary(run, weights))
-    run.accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()  # every process returns once the outputs are there
     run.accelerator.end_training()
     return TrainResult(
         output_dir=output_dir,
@@ -97,6 +99,8 @@ def finish(run: Any) -> TrainResult:
         checkpoint=run.last_checkpoint,
         final_loss=run.smoothed_loss.value,
         weights=written,
+        main_process=run.is_main,
+        processes=run.accelerator.num_processes,
     )
 
 
@@ -107,7 +111,11 @@ def _summary(run: Any, weights: dict[str, Any]) -> RunSummary:
         items=len(run.dataset),
         final_loss=None if math.isnan(run.smoothed_loss.value) else run.smoothed_loss.value,
         train_s=run.train_s,
-        device=str(run.state.device),
+        # One process: its device (cuda:1); several: the kind (each has its own index).
+        device=str(run.state.device)
+        if run.accelerator.num_processes == 1
+        else run.state.device.type,
+        processes=run.accelerator.num_processes,
         precision={"no": "fp32"}.get(
             run.accelerator.mixed_precision, run.accelerator.mixed_precision
         ),

@@ -18,8 +18,9 @@ class StopRequest:
     """Set by SIGINT/SIGTERM; the loop finishes the optimizer step it is in, writes a checkpoint
     and returns. A second signal stops at once (the default action)."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.signal_name: str | None = None
+        self.announce = announce  # False on all but the main process of a multi-process run
         self._previous: dict[int, Any] = {}
 
     @property
@@ -35,10 +36,11 @@ class StopRequest:
             self.restore()
             raise KeyboardInterrupt(f"second {name}")
         self.request(name)
-        err_console.print(
-            f"[yellow]{name} received: finishing this step and writing a checkpoint "
-            "(send it again to stop at once).[/]"
-        )
+        if self.announce:
+            err_console.print(
+                f"[yellow]{name} received: finishing this step and writing a checkpoint "
+                "(send it again to stop at once).[/]"
+            )
 
     def install(self) -> None:
         # Signal handlers can only be set from the main thread (not, e.g., from a worker thread
@@ -55,8 +57,8 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[StopRequest]:
-    stop = StopRequest()
+def stop_on_signals(announce: bool = True) -> Iterator[StopRequest]:
+    stop = StopRequest(announce)
     stop.install()
     try:
         yield stop
@@ -74,11 +76,13 @@ NONFINITE_ADVICE = (
 
 class NonFiniteGuard:
     """Counts optimizer updates skipped for a non-finite loss or gradient; too many in a row stop
-    the run with advice instead of training on garbage."""
+    the run with advice instead of training on garbage. Every process of a multi-process run
+    counts (the decisions are agreed); only the one with ``announce`` prints."""
 
-    def __init__(self, max_in_row: int, learning_rate: float) -> None:
+    def __init__(self, max_in_row: int, learning_rate: float, announce: bool = True) -> None:
         self.max_in_row = max_in_row
         self.learning_rate = learning_rate
+        self.announce = announce
         self.in_row = 0
         self.total = 0
 
@@ -86,11 +90,12 @@ class NonFiniteGuard:
         self.in_row += 1
         self.total += 1
         shown = "; ".join(items[:8]) + (f"; ... ({len(items)} in all)" if len(items) > 8 else "")
-        err_console.print(
-            f"[yellow]step {step}: {what} is not finite; update skipped "
-            f"({self.in_row} in a row, {self.total} in all). Items: {shown}[/]",
-            soft_wrap=True,
-        )
+        if self.announce:
+            err_console.print(
+                f"[yellow]step {step}: {what} is not finite; update skipped "
+                f"({self.in_row} in a row, {self.total} in all). Items: {shown}[/]",
+                soft_wrap=True,
+            )
         if self.in_row >= self.max_in_row:
             raise UserError(
                 f"Training stopped: {what} was not finite for {self.in_row} optimizer updates in a "

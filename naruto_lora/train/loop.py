@@ -4,6 +4,10 @@ samples, checkpoints) sit apart.
 
 The step names no plugin: noise, timesteps, loss weights, what follows an update, extra checkpoint
 state, the weights validation uses and the weights written at the end are all hook answers.
+
+Several processes (``accelerate launch``, ``torchrun``): each takes its share of every epoch's
+batches, DDP averages the gradients in ``backward``, and whether an update is skipped or the run
+stops is decided by all of them together (``distributed``); the main process alone writes.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from naruto_lora.console import console
 from naruto_lora.profile import Profile
 from naruto_lora.train.checkpoint import load_checkpoint, save_checkpoint
 from naruto_lora.train.display import TrainDisplay
+from naruto_lora.train.distributed import agree_on_stop, agree_on_update
 from naruto_lora.train.finish import TrainResult, finish, interrupted
 from naruto_lora.train.guard import StopRequest, explain_out_of_memory, stop_on_signals
 from naruto_lora.train.objective import (
@@ -35,11 +40,12 @@ from naruto_lora.train.setup import claim_output_folder, setup_run
 
 @dataclass
 class Window:
-    """The micro-batches of one optimizer update."""
+    """The micro-batches of one optimizer update (this process's share of them)."""
 
     losses: list[float] = field(default_factory=list)
     items: list[str] = field(default_factory=list)
     finite: bool = True
+    loss: float = float("nan")  # the mean over micro-batches and processes, once agreed
     data_wait_s: float = 0.0
     started: float = field(default_factory=time.perf_counter)
 
@@ -49,6 +55,15 @@ class Window:
         captions = batch.get("caption") or [""] * len(batch["index"])
         self.items += [f"#{int(i)} {c!r}" for i, c in zip(batch["index"], captions, strict=True)]
         self.finite = self.finite and math.isfinite(value)
+
+    def agree(self, accelerator: Any) -> None:
+        """At the update's last micro-batch, before its ``backward``: the mean loss and whether
+        every process's loss was finite. Were one process to skip the backward that all-reduces
+        the gradients, the others would wait for it forever."""
+        mean = sum(self.losses) / len(self.losses)
+        self.loss, self.finite, self.items = agree_on_update(
+            accelerator, mean, self.finite, self.items
+        )
 
 
 @dataclass
@@ -65,18 +80,21 @@ def train(profile: Profile, options: TrainOptions | None = None, pm: Any = None)
     with explain_out_of_memory(profile):
         run = setup_run(profile, options, pm)
         start(run)
-        with stop_on_signals() as stop:
-            display = TrainDisplay(run.total_steps, run.state.global_step, run.memory.kind)
+        with stop_on_signals(announce=run.is_main) as stop:
+            display = TrainDisplay(
+                run.total_steps, run.state.global_step, run.memory.kind, enabled=run.is_main
+            )
             with display:
-                train_loop(run, stop, display)
-        if stop.requested:
-            return interrupted(run, stop)
+                stopped_by = train_loop(run, stop, display)
+        if stopped_by:
+            return interrupted(run, stopped_by)
         return finish(run)
 
 
 def start(run: Run) -> None:
     if run.is_main:
         claim_output_folder(run.state.output_dir, run.profile, run.starting_over)
+    run.accelerator.wait_for_everyone()  # nobody goes on before the folder is claimed
     run.pm.hook.nlora_train_start(state=run.state)
     if run.resume_from is not None:
         path = run.resume_from
@@ -89,16 +107,43 @@ def start(run: Run) -> None:
             f"(epoch {run.position.epoch + 1})."
         )
     console.print(
-        f"Training {run.total_steps} steps of {run.profile.train.batch_size} x "
-        f"{run.profile.train.gradient_accumulation_steps} on {run.state.device} "
-        f"({run.batches_per_epoch} batches per epoch); plugins: "
+        f"Training {run.total_steps} steps, {effective_batch_text(run)}, on {where(run)} "
+        f"({run.batches_per_epoch} batches per epoch{per_process(run)}); plugins: "
         f"{', '.join(run.profile.enabled_plugins()) or 'none'}."
     )
 
 
-def train_loop(run: Run, stop: StopRequest, display: TrainDisplay) -> None:
+def effective_batch_text(run: Run) -> str:
+    """Samples per update, e.g. "effective batch 16 (2 processes x batch 4 x accumulation 2)"."""
+    train_cfg, processes = run.profile.train, run.accelerator.num_processes
+    parts = [
+        f"batch {train_cfg.batch_size}",
+        f"accumulation {train_cfg.gradient_accumulation_steps}",
+    ]
+    if processes > 1:
+        parts.insert(0, f"{processes} processes")
+    total = processes * train_cfg.batch_size * train_cfg.gradient_accumulation_steps
+    return f"effective batch {total} ({' x '.join(parts)})"
+
+
+def where(run: Run) -> str:
+    processes = run.accelerator.num_processes
+    if processes == 1:
+        return str(run.state.device)
+    import torch.distributed as dist
+
+    return f"{processes} processes ({run.state.device.type}, {dist.get_backend()})"
+
+
+def per_process(run: Run) -> str:
+    return " per process" if run.accelerator.num_processes > 1 else ""
+
+
+def train_loop(run: Run, stop: StopRequest, display: TrainDisplay) -> str | None:
+    """Train to the last step; return the name of the signal that stopped it early, if any
+    (agreed by every process, so they all stop after the same step)."""
     if run.state.global_step >= run.total_steps:
-        return
+        return None
     window = Window()
     # closing(): stopping early also ends the loader's read-ahead thread right away.
     with contextlib.closing(micro_batches(run)) as batches:
@@ -107,6 +152,8 @@ def train_loop(run: Run, stop: StopRequest, display: TrainDisplay) -> None:
             with run.accelerator.accumulate(run.model):
                 loss = compute_loss(run, batch)
                 window.record(loss, batch)
+                if run.accelerator.sync_gradients:
+                    window.agree(run.accelerator)
                 if window.finite:
                     run.accelerator.backward(loss)
             run.position, run.state.epoch = position, position.epoch
@@ -118,8 +165,10 @@ def train_loop(run: Run, stop: StopRequest, display: TrainDisplay) -> None:
                 log_update(run, window, update, display)
                 once_in_a_while(run)
             window = Window()
-            if run.state.global_step >= run.total_steps or stop.requested:
-                break
+            stopped_by = agree_on_stop(run.accelerator, stop.signal_name)
+            if stopped_by or run.state.global_step >= run.total_steps:
+                return stopped_by
+    return None
 
 
 def compute_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
@@ -173,7 +222,7 @@ def optimizer_update(run: Run, window: Window) -> Update:
 def log_update(run: Run, window: Window, update: Update, display: TrainDisplay) -> None:
     step_s = time.perf_counter() - window.started
     run.train_s += step_s
-    loss = sum(window.losses) / len(window.losses)
+    loss = window.loss  # agreed: the same on every process, so checkpoints agree too
     smoothed = run.smoothed_loss.update(loss)
     peak_gib = run.memory.gib()
     row = {
@@ -195,7 +244,8 @@ def log_update(run: Run, window: Window, update: Update, display: TrainDisplay) 
 
 
 def once_in_a_while(run: Run) -> None:
-    """Validation samples, then a checkpoint, on their own step grids (main process writes)."""
+    """Validation samples, then a checkpoint, on their own step grids (main process writes;
+    the others go on and wait for it in the next step's all-reduce)."""
     from naruto_lora.train.metrics import LOSS_PLOT_NAME, plot_loss
     from naruto_lora.train.validation import write_samples
 
@@ -203,10 +253,9 @@ def once_in_a_while(run: Run) -> None:
     if run.validation is not None and step % cfg.validation.every_steps == 0 and run.is_main:
         write_samples(run, step)
     if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+        run.last_checkpoint = save_checkpoint(run)  # every process: each hands in its RNG
         if run.is_main:
-            run.last_checkpoint = save_checkpoint(run)
             plot_loss(run.metrics.path, run.state.output_dir / LOSS_PLOT_NAME)
-        run.accelerator.wait_for_everyone()
 
 
 def micro_batches(run: Run) -> Iterator[tuple[DataPosition, dict[str, Any], float]]:

@@ -7,7 +7,6 @@ may take minutes to build), then models onto the device, optimizer and schedule.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,13 @@ from naruto_lora.models import (
 )
 from naruto_lora.profile import Profile, write_resolved
 from naruto_lora.train.conditioning import Conditioner
+from naruto_lora.train.distributed import (
+    check_device_for_processes,
+    launched_processes,
+    local_main_first,
+    process_seed,
+    quiet_unless_main,
+)
 from naruto_lora.train.guard import NonFiniteGuard
 from naruto_lora.train.metrics import MetricsLog, PeakMemory
 from naruto_lora.train.outputs import PROFILE_NAME, check_output_folder, clear_previous_run
@@ -72,28 +78,32 @@ def make_accelerator(profile: Profile, device: torch.device, options: TrainOptio
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
+    check_device_for_processes(device, launched_processes())
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if not launched:
+    if launched_processes() == 1:
         # accelerate keeps one process-wide state; a second run in the same process (tests,
         # notebooks) with other settings must start from a clean one.
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
     mixed_precision, _ = precision_for(profile, device)
-    if mixed_precision != profile.train.mixed_precision:
-        console.print(f"[dim]On the CPU: fp32 instead of {profile.train.mixed_precision}.[/]")
     output_dir = Path(profile.train.output_dir).expanduser()
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=profile.train.gradient_accumulation_steps,
         log_with="tensorboard" if options.tensorboard else None,
         project_dir=str(output_dir / "logs"),
     )
+    quiet_unless_main(accelerator)
+    if mixed_precision != profile.train.mixed_precision:
+        console.print(f"[dim]On the CPU: fp32 instead of {profile.train.mixed_precision}.[/]")
+    return accelerator
 
 
-def check_inputs(profile: Profile, options: TrainOptions) -> tuple[Path, bool, Path | None]:
+def check_inputs(
+    profile: Profile, options: TrainOptions, num_processes: int = 1
+) -> tuple[Path, bool, Path | None]:
     """The output folder rule and the checkpoint to resume from, checked before anything loads:
     (output folder, whether a finished earlier run is started over, checkpoint or None)."""
     from naruto_lora.train.checkpoint import check_checkpoint, resolve_resume
@@ -103,8 +113,20 @@ def check_inputs(profile: Profile, options: TrainOptions) -> tuple[Path, bool, P
     resume_from = None
     if options.resume:
         resume_from = resolve_resume(output_dir, options.resume)
-        check_checkpoint(resume_from, profile)
+        check_checkpoint(resume_from, profile, num_processes=num_processes)
     return output_dir, starting_over, resume_from
+
+
+def fetch_builtin_assets(profile: Profile) -> None:
+    """Build the built-in ``nlora:`` model and data set now if they are missing (a no-op for hub
+    ids and folders), so that several processes do not all build them at once."""
+    from naruto_lora.models import resolve_data, resolve_model
+
+    for model_id in (profile.model.pretrained, profile.model.vae):
+        if model_id.startswith("nlora:"):
+            resolve_model(model_id)
+    if profile.data.source.startswith("nlora:"):
+        resolve_data(profile.data.source)
 
 
 def claim_output_folder(output_dir: Path, profile: Profile, starting_over: bool) -> None:
@@ -133,7 +155,11 @@ def load_trainable_unet(profile: Profile, pm: Any, weight_dtype: torch.dtype) ->
 
 
 def load_dataset(profile: Profile, options: TrainOptions, accelerator: Any) -> tuple[Any, int]:
-    """Caches first (built when missing or stale, unless --no-auto-cache), then the data set."""
+    """Caches first (built when missing or stale, unless --no-auto-cache), then the data set.
+
+    Every process calls this: the cache's build lock lets the first one build while the others
+    wait (a file lock, so a long build hits no collective timeout), then they find it complete
+    and only read it. Batches per epoch are this process's share of the data."""
     from naruto_lora.cache import (
         build_train_dataset,
         ensure_latent_cache,
@@ -145,11 +171,11 @@ def load_dataset(profile: Profile, options: TrainOptions, accelerator: Any) -> t
     latents = None
     if profile.cache.latents:
         latents = ensure_latent_cache(profile, device=device, auto=options.auto_cache)
-        _cache_notice("latent", latents, "nlora cache latents")
+        _cache_notice("latent", latents, "nlora cache latents", accelerator)
     text = None
     if profile.cache.text == "disk":
         text = ensure_text_cache(profile, device=device, auto=options.auto_cache)
-        _cache_notice("text", text, "nlora cache text --to-disk")
+        _cache_notice("text", text, "nlora cache text --to-disk", accelerator)
     dataset = build_train_dataset(profile, latents, text)
     sampler = make_batch_sampler(
         dataset,
@@ -162,13 +188,18 @@ def load_dataset(profile: Profile, options: TrainOptions, accelerator: Any) -> t
     return dataset, len(sampler)
 
 
-def _cache_notice(kind: str, cache: Any, command: str) -> None:
-    """Say so when training had to (re)build part of a cache first."""
+def _cache_notice(kind: str, cache: Any, command: str, accelerator: Any) -> None:
+    """Say so when training had to (re)build part of a cache first (from whichever process
+    built it: stdout of the others is quiet, so those say it on stderr)."""
+    from naruto_lora.console import err_console
+
     report = getattr(cache, "report", None)
     if report is not None and report.encoded:
-        console.print(
-            f"The {kind} cache was missing or stale: encoded {report.encoded} entries first "
-            f"(reused {report.reused}) in {cache.folder}. `{command}` does this ahead."
+        who = console if accelerator.is_main_process else err_console
+        by = "" if accelerator.is_main_process else f"process {accelerator.process_index}: "
+        who.print(
+            f"{by}The {kind} cache was missing or stale: encoded {report.encoded} entries "
+            f"first (reused {report.reused}) in {cache.folder}. `{command}` does this ahead."
         )
 
 
@@ -232,9 +263,20 @@ def setup_run(profile: Profile, options: TrainOptions, pm: Any = None) -> Run:
     device = resolve_device(options.device)
     accelerator = make_accelerator(profile, device, options)
     device = accelerator.device
-    output_dir, starting_over, resume_from = check_inputs(profile, options)
+    output_dir, starting_over, resume_from = check_inputs(
+        profile, options, accelerator.num_processes
+    )
     weight_dtype = DTYPES[accelerator.mixed_precision]
+    with local_main_first(accelerator):
+        fetch_builtin_assets(profile)
     unet, params = load_trainable_unet(profile, pm, weight_dtype)
+    seed = process_seed(profile.train.seed, accelerator.process_index)
+    if accelerator.num_processes > 1:
+        # The LoRA starts equal everywhere (seeded alike above; DDP also broadcasts rank 0's);
+        # from here each process draws its own dropout masks and noise.
+        from accelerate.utils import set_seed
+
+        set_seed(seed)
     dataset, batches_per_epoch = load_dataset(profile, options, accelerator)
     total_steps = plan_total_steps(
         profile.train.max_steps,
@@ -242,9 +284,11 @@ def setup_run(profile: Profile, options: TrainOptions, pm: Any = None) -> Run:
         batches_per_epoch,
         profile.train.gradient_accumulation_steps,
     )
-    generator = torch.Generator(device=device).manual_seed(profile.train.seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     conditioner = make_conditioner(profile, device, weight_dtype, generator)
-    validation = make_validation(profile, conditioner, device, weight_dtype)
+    validation = None  # samples are drawn by the main process only
+    if accelerator.is_main_process:
+        validation = make_validation(profile, conditioner, device, weight_dtype)
     optimizer = make_optimizer(params, profile.train, device)
     lr_scheduler = make_lr_scheduler(optimizer, profile.train, total_steps)
     model, optimizer = accelerator.prepare(unet, optimizer)
@@ -276,7 +320,11 @@ def setup_run(profile: Profile, options: TrainOptions, pm: Any = None) -> Run:
         total_steps=total_steps,
         conditioner=conditioner,
         generator=generator,
-        guard=NonFiniteGuard(profile.train.max_nonfinite_in_row, profile.train.learning_rate),
+        guard=NonFiniteGuard(
+            profile.train.max_nonfinite_in_row,
+            profile.train.learning_rate,
+            announce=accelerator.is_main_process,
+        ),
         memory=PeakMemory(device),
         metrics=MetricsLog(output_dir),
         validation=validation,
