@@ -250,15 +250,3 @@ def cuda_autocast_policy() -> Iterator[None]:
         yield
     finally:
         lib._destroy()
-
-
-@contextlib.contextmanager
-def autocast(device_type: str, dtype: torch.dtype | None, emulate_cuda: bool) -> Iterator[None]:
-    """Autocast as the training step uses it; on CPU tensors standing in for CUDA ones,
-    with CUDA's cast policy."""
-    if dtype is None:
-        yield
-        return
-    policy = cuda_autocast_policy() if emulate_cuda else contextlib.nullcontext()
-    with policy, torch.autocast(device_type, dtype=dtype):
-        yield

@@ -23,7 +23,9 @@ def bench():
 
 
 @pytest.mark.parametrize("loop", ["ours", "reference"])
-def test_benchmark_loops_run_on_the_tiny_model(bench, loop, tmp_path, tiny_model_dir, tiny_data_dir):
+def test_benchmark_loops_run_on_the_tiny_model(
+    bench, loop, tmp_path, tiny_model_dir, tiny_data_dir
+):
     from naruto_lora.profile import load_profile
 
     overrides = bench.run_overrides(tmp_path, loop, 2) + ["data.max_items=8"]

@@ -117,34 +117,42 @@ def _with_progress(quiet: bool, work: Any, total: int | None = None) -> Any:
 # ------------------------------------------------------------------------------ output
 
 
-def _gib(value: float | None) -> str:
-    return "-" if value is None else f"{value / 2**30:.2f}"
+def _amount(value: float | None, unit: int) -> str:
+    return "-" if value is None else f"{value / unit:.2f}"
 
 
 def plan_table(plan: Plan) -> Any:
     from rich.table import Table
 
-    from naruto_lora.plan import allowance_bytes, category_name, need_gib, ordered_labels
+    from naruto_lora.plan import allowance_bytes, category_name, ordered_labels
 
     phases = [p for p in (plan.training, plan.validation, *plan.sampling) if p is not None]
-    table = Table(title=f"PREDICTED GPU memory (GiB) for profile '{plan.profile}'")
+    # MiB for the tiny model, GiB for real ones.
+    big = max(p.peak_bytes for p in phases) >= 2**30
+    unit, unit_name = (2**30, "GiB") if big else (2**20, "MiB")
+    table = Table(title=f"PREDICTED GPU memory ({unit_name}) for profile '{plan.profile}'")
     table.add_column("")
     for phase in phases:
         table.add_column(phase.name, justify="right")
     labels = ordered_labels({label for p in phases for label in p.split})
     for label in labels:
-        table.add_row(category_name(label), *(_gib(p.split.get(label)) for p in phases))
+        table.add_row(category_name(label), *(_amount(p.split.get(label), unit) for p in phases))
     table.add_row(
         "[bold]tracked peak[/] (= CUDA max allocated)",
-        *(f"[bold]{_gib(p.peak_bytes)}[/]" for p in phases),
+        *(f"[bold]{_amount(p.peak_bytes, unit)}[/]" for p in phases),
     )
     table.add_row(
         "allowance: CUDA context + allocator",
-        *(_gib(allowance_bytes(p.peak_bytes)) for p in phases),
+        *(_amount(allowance_bytes(p.peak_bytes), unit) for p in phases),
     )
-    table.add_row("[bold]need[/]", *(f"[bold]{need_gib(p):.2f}[/]" for p in phases))
+    needs = (p.peak_bytes + allowance_bytes(p.peak_bytes) for p in phases)
+    table.add_row("[bold]need[/]", *(f"[bold]{_amount(n, unit)}[/]" for n in needs))
     table.add_row("peak happens in", *(p.where or "-" for p in phases))
     return table
+
+
+def _tflop(flops: float) -> str:
+    return f"{flops / 1e12:.1f} TFLOP" if flops >= 1e11 else f"{flops / 1e9:.2f} GFLOP"
 
 
 def settings_line(settings: dict[str, Any]) -> str:
@@ -153,7 +161,7 @@ def settings_line(settings: dict[str, Any]) -> str:
         f"{s['resolution']} px",
         f"batch {s['batch_size']} x {s['gradient_accumulation_steps']} accumulation",
         f"rank {s['rank']}",
-        s["mixed_precision"],
+        "fp32" if s["mixed_precision"] == "no" else s["mixed_precision"],
         s["optimizer"],
         f"text {s['cache_text']}",
         f"latents {'cached' if s['cache_latents'] else 'encoded each step'}",
@@ -207,8 +215,8 @@ def _show_plan(plan: Plan, vram: float | None, as_json: bool) -> None:
     console.print(
         f"Training needs [bold]{plan.need_gib:.1f} GiB[/] (the {plan.run_peak.name} peaks: "
         f"{plan.run_peak.peak_bytes / GIB:.2f} GiB tracked + allowance). UNet compute: "
-        f"{plan.flops_per_micro_step / 1e12:.1f} TFLOP per micro-step, "
-        f"{plan.flops_per_update / 1e12:.1f} per optimizer step (x{accumulation})."
+        f"{_tflop(plan.flops_per_micro_step)} per micro-step, "
+        f"{_tflop(plan.flops_per_update)} per optimizer step (x{accumulation})."
     )
     if card is None:
         console.print(
