@@ -370,9 +370,24 @@ def check_sampling(profile: Profile, facts: Facts) -> CheckRow:
     return CheckRow("sampling", "warn", f"{gpu.name} is below even --low-vram's needs ({needs})")
 
 
-def check_profile(profile: Profile, facts: Facts) -> list[CheckRow]:
+def planned_vram_gib(profile: Profile) -> VramEstimate:
+    """The VRAM need PREDICTED by the planner (``nlora plan``: the real training step traced on
+    fake tensors); ~30-60 s on the first call for a profile, cached after."""
+    from naruto_lora.plan import CARD_RESERVED_GIB, TIGHT_HEADROOM, estimate_peak_vram_gib
+
+    need = estimate_peak_vram_gib(profile)
+    return VramEstimate(
+        round(need / (1 - TIGHT_HEADROOM) + CARD_RESERVED_GIB, 1),
+        round(need + CARD_RESERVED_GIB, 1),
+        "predicted by nlora plan (training step traced on fake tensors)",
+    )
+
+
+def check_profile(
+    profile: Profile, facts: Facts, estimate: VramEstimate | None = None
+) -> list[CheckRow]:
     """Can ``profile`` train here? One row per check; any "fail" means it cannot."""
-    estimate = estimated_vram_gib(profile)
+    estimate = estimate or estimated_vram_gib(profile)
     rows = [
         check_device(profile, facts),
         check_precision(profile, facts),
@@ -456,14 +471,21 @@ class DoctorReport:
         }
 
 
-def diagnose(profile: Profile, facts: Facts, explicit: bool = True) -> DoctorReport:
-    """Check ``profile`` against ``facts`` (core checks, then plugin rows) and recommend a profile."""
+def diagnose(
+    profile: Profile, facts: Facts, explicit: bool = True, use_planner: bool = False
+) -> DoctorReport:
+    """Check ``profile`` against ``facts`` (core checks, then plugin rows) and recommend a profile.
+
+    ``use_planner`` replaces the quick table estimate of the VRAM need by the planner's prediction
+    when there is a GPU to check it against (the CLI does this for an explicit ``--profile``)."""
     gpu: GpuFacts | None = facts.training_gpu()
+    planned = use_planner and gpu is not None and not profile.model.pretrained.startswith("nlora:")
+    estimate = planned_vram_gib(profile) if planned else estimated_vram_gib(profile)
     return DoctorReport(
         facts=facts,
         profile=profile.name,
         explicit=explicit,
-        estimate=estimated_vram_gib(profile),
-        checks=tuple(check_profile(profile, facts) + plugin_checks(profile, facts)),
+        estimate=estimate,
+        checks=tuple(check_profile(profile, facts, estimate) + plugin_checks(profile, facts)),
         recommendation=recommend_profile(gpu.total_vram_gib if gpu else None),
     )

@@ -520,3 +520,38 @@ def test_cli_unknown_profile_is_a_clean_user_error(cli_runner) -> None:
     result = invoke(cli_runner, ["doctor", "--profile", "20gb"])
     assert result.exit_code == 2
     assert "Unknown profile '20gb'" in result.stderr
+
+
+def test_explicit_profile_on_a_gpu_uses_the_planner_prediction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from naruto_lora import plan
+    from naruto_lora.doctor import diagnose
+
+    asked = []
+
+    def fake_prediction(profile) -> float:
+        asked.append(profile.name)
+        return 9.0
+
+    monkeypatch.setattr(plan, "estimate_peak_vram_gib", fake_prediction)
+    profile = load_profile("14gb")
+    report = diagnose(profile, fake_facts(gpu(12.0)), use_planner=True)
+    assert asked == ["14gb"]
+    assert "nlora plan" in report.estimate.basis
+    # need = prediction + reserved card memory; comfortable = need with the tight-headroom margin.
+    assert report.estimate.minimum_gb == round(9.0 + plan.CARD_RESERVED_GIB, 1)
+    assert report.estimate.need_gb == round(
+        9.0 / (1 - plan.TIGHT_HEADROOM) + plan.CARD_RESERVED_GIB, 1
+    )
+    assert rows_by_check(report.checks)["VRAM"].status == "ok"
+    # A card the prediction does not fit fails, whatever the quick table says.
+    monkeypatch.setattr(plan, "estimate_peak_vram_gib", lambda profile: 13.0)
+    small = diagnose(profile, fake_facts(gpu(12.0)), use_planner=True)
+    assert rows_by_check(small.checks)["VRAM"].status == "fail"
+    # Without a GPU, or without use_planner, the planner is not run.
+    asked.clear()
+    monkeypatch.setattr(plan, "estimate_peak_vram_gib", fake_prediction)
+    diagnose(profile, fake_facts(), use_planner=True)
+    diagnose(profile, fake_facts(gpu(12.0)), use_planner=False)
+    assert asked == []

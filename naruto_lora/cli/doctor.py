@@ -50,8 +50,14 @@ def register(cli: click.Group) -> None:
         is_flag=True,
         help="Print one JSON document on stdout instead of tables.",
     )
+    @click.option(
+        "--quick",
+        is_flag=True,
+        help="With --profile on a GPU machine: use the quick table estimate of the VRAM need "
+        "instead of the planner's prediction (which takes 30-60 s the first time).",
+    )
     @click.pass_context
-    def doctor(ctx: click.Context, as_json: bool, **kwargs: Any) -> None:
+    def doctor(ctx: click.Context, as_json: bool, quick: bool, **kwargs: Any) -> None:
         """Check this machine (Python, torch, CUDA, GPUs, RAM, disk, packages, model and data
         availability, hub access) and recommend a profile for its largest GPU."""
         from naruto_lora.console import err_console
@@ -61,7 +67,9 @@ def register(cli: click.Group) -> None:
         if not explicit:
             kwargs["profile_name"] = DEFAULT_PROFILE
         profile = load_profile_from_options(kwargs)
-        report = diagnose(profile, gather_facts(profile), explicit=explicit)
+        report = diagnose(
+            profile, gather_facts(profile), explicit=explicit, use_planner=explicit and not quick
+        )
         if as_json:
             click.echo(json.dumps(report.to_dict(), indent=2))
         else:
