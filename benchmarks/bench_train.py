@@ -18,8 +18,8 @@ Configs:
 clock around each; validation samples and checkpoints are off. Memory on a GPU is CUDA's max
 allocated, shown beside the planner's prediction for the same configuration.
 
-Speed variants (``--variant``, repeatable; each also a profile key the loop reads once it
-supports them, see docs/plan-and-benchmarks.md): compile, channels_last, tf32, no_fused, bf16.
+Speed variants (``--variant``, repeatable; each is the profile setting in VARIANT_SETTINGS, which
+the loop applies): compile, channels_last, tf32, no_fused, bf16.
 """
 
 from __future__ import annotations
@@ -78,40 +78,27 @@ class Timings:
 # ------------------------------------------------------------------------------ our loop
 
 
+VARIANT_SETTINGS = {
+    "compile": "train.compile=true",
+    "channels_last": "train.channels_last=true",
+    "tf32": "train.allow_tf32=true",
+    "no_fused": "train.fused_optimizer=false",
+    "bf16": 'train.mixed_precision="bf16"',
+}
+
+
 def with_variants(overrides: list[str], variants: list[str]) -> list[str]:
-    """Variants that are profile settings (the others are applied to the built run)."""
-    return overrides + (['train.mixed_precision="bf16"'] if "bf16" in variants else [])
+    """Each speed variant is a profile setting that the training loop applies itself."""
+    return overrides + [VARIANT_SETTINGS[v] for v in variants]
 
 
-def apply_variants(run: Any, variants: list[str]) -> None:
-    """The speed options the loop does not apply itself yet (see the module docstring); a
-    profile key ``train.<option> = true`` asks for one too."""
-    train_cfg = run.profile.train
-    wanted = set(variants) | {
-        v for v in ("compile", "channels_last") if getattr(train_cfg, v, False)
-    }
-    if "tf32" in variants or getattr(train_cfg, "allow_tf32", False):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if "channels_last" in wanted:
-        run.state.unet.to(memory_format=torch.channels_last)
-    if "no_fused" in variants:
-        for group in run.optimizer.param_groups:
-            group["fused"], group["foreach"] = False, True
-    if "compile" in wanted:
-        run.model = torch.compile(run.model)
-
-
-def time_our_loop(
-    profile: Any, device: str, updates: int, warmup: int, variants: list[str]
-) -> dict[str, Any]:
+def time_our_loop(profile: Any, device: str, updates: int, warmup: int) -> dict[str, Any]:
     """The body of ``train.loop.train_loop`` with a clock around each phase (no logging,
     validation samples or checkpoints)."""
     from naruto_lora.train.loop import start
     from naruto_lora.train.setup import TrainOptions, setup_run
 
     run = setup_run(profile, TrainOptions(device=device))
-    apply_variants(run, variants)
     memory = PeakMemory(run.state.device)
     start(run)
     timings = Timings()
@@ -491,9 +478,7 @@ def worker(spec: dict[str, Any]) -> None:
     profile = load_profile(spec["profile"], overrides=spec["overrides"])
     with contextlib.redirect_stdout(sys.stderr):
         if spec["loop"] == "ours":
-            result = time_our_loop(
-                profile, spec["device"], spec["updates"], spec["warmup"], spec["variants"]
-            )
+            result = time_our_loop(profile, spec["device"], spec["updates"], spec["warmup"])
         else:
             result = time_reference_loop(profile, spec["device"], spec["updates"], spec["warmup"])
     print(json.dumps(result))

@@ -103,6 +103,11 @@ class TrainConfig:
     max_nonfinite_in_row: int = 5
     dataloader_workers: int = 0
     output_dir: str = "output"
+    # Speed options (measured by benchmarks/bench_train.py; see benchmarks/RESULTS.md).
+    compile: bool = False  # torch.compile the UNet forward
+    channels_last: bool = False  # UNet weights and activations in NHWC
+    allow_tf32: bool = True  # TF32 matmuls/convolutions on Ampere and later (CUDA only)
+    fused_optimizer: bool = True  # fused AdamW kernel (CUDA only)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,8 @@ def make_optimizer(
     )
     if train_cfg.optimizer == "adamw8bit":
         return _adamw8bit(params, device, kwargs)
-    return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
+    fused = device.type == "cuda" and train_cfg.fused_optimizer
+    return torch.optim.AdamW(params, fused=fused, **kwargs)
 
 
 def _adamw8bit(params: list[torch.nn.Parameter], device: torch.device, kwargs: dict) -> Any:
