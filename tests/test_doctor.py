@@ -482,7 +482,8 @@ def test_cli_profile_exit_codes_with_faked_devices(
     assert json.loads(result.stdout)["can_run"] is False  # stdout stays pure JSON
     assert "no CUDA GPU" in result.stderr
 
-    local = ["--model", str(tiny_model_dir), "--vae", "", "--data", str(tiny_data_dir)]
+    # --quick: the table estimate, which sizes every GPU profile as SDXL whatever the model.
+    local = ["--model", str(tiny_model_dir), "--vae", "", "--data", str(tiny_data_dir), "--quick"]
     fake_cuda(gpu(11.76))
     assert invoke(cli_runner, ["doctor", "--profile", "12gb", *local]).exit_code == 0
     assert invoke(cli_runner, ["doctor", "--profile", "14gb", *local]).exit_code == 0  # warn
@@ -555,3 +556,15 @@ def test_explicit_profile_on_a_gpu_uses_the_planner_prediction(
     diagnose(profile, fake_facts(), use_planner=True)
     diagnose(profile, fake_facts(gpu(12.0)), use_planner=False)
     assert asked == []
+
+
+def test_cli_profile_on_a_gpu_asks_the_planner_about_the_real_model(
+    cli_runner, fake_cuda, tiny_model_dir: Path, tiny_data_dir: Path
+) -> None:
+    # The planner traces the model it is given: the 14gb recipe on the tiny model fits any card.
+    local = ["--model", str(tiny_model_dir), "--vae", "", "--data", str(tiny_data_dir)]
+    fake_cuda(gpu(7.79))
+    result = invoke(cli_runner, ["doctor", "--profile", "14gb", *local, "--json"])
+    assert result.exit_code == 0, result.stderr
+    estimate = json.loads(result.stdout)["profile"]["vram_estimate"]
+    assert "nlora plan" in estimate["basis"] and estimate["need_gb"] < 2
