@@ -31,7 +31,7 @@ def test_benchmark_loops_run_on_the_tiny_model(
     overrides = bench.run_overrides(tmp_path, loop, 2) + ["data.max_items=8"]
     profile = load_profile("tiny", overrides=overrides)
     if loop == "ours":
-        result = bench.time_our_loop(profile, "cpu", updates=1, warmup=1, variants=[])
+        result = bench.time_our_loop(profile, "cpu", updates=1, warmup=1)
     else:
         result = bench.time_reference_loop(profile, "cpu", updates=1, warmup=1)
     phases = sum(result[p] for p in bench.PHASES)
@@ -40,3 +40,12 @@ def test_benchmark_loops_run_on_the_tiny_model(
     assert result["images_per_s"] == pytest.approx(4 / result["step_s"])
     assert result["kind"] == "rss" and result["peak_gib"] > 0
     assert result["skipped_updates"] == 0
+
+
+def test_every_speed_variant_is_a_profile_setting(bench) -> None:
+    from naruto_lora.profile import load_profile
+
+    profile = load_profile("tiny", overrides=bench.with_variants([], list(bench.VARIANTS)))
+    train = profile.train
+    assert (train.compile, train.channels_last, train.allow_tf32) == (True, True, True)
+    assert train.fused_optimizer is False and train.mixed_precision == "bf16"
