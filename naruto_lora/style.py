@@ -7,8 +7,9 @@ close to one of the style's two colours, orange (``toy.STYLE_BACKGROUND``) or bl
 scenes score about 0.8 (the coloured shape itself is in neither palette colour).
 
 ``content_check`` tests that the caption's shape is still there: enough pixels of the caption's
-colour, their centre on the caption's side, and the shape: of a square, a disc and an upright
-triangle drawn in the region's bounding box, the one that overlaps the region best.
+colour, and the shape: of a square, a disc and an upright triangle drawn in the region's
+bounding box, the one that overlaps the region best. Whether the region's centre is on the
+caption's side is measured too (``position_ok``) but not required to pass.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from naruto_lora import toy
 PALETTE_TOLERANCE = 60.0
 COLOUR_TOLERANCE = 70.0
 MIN_COLOUR_SHARE = 0.004  # 16 px at 64 px; the smallest styled triangle shows about 1 %
+# A drawn shape fills at least ~0.45 of its box (a triangle); scattered pixels fill much less.
+MIN_FILL = 0.3
 _POSITION_X = {"left": (0.0, 0.42), "center": (0.36, 0.64), "right": (0.58, 1.0)}
 
 
@@ -64,12 +67,17 @@ class ContentResult:
 
     @property
     def passed(self) -> bool:
-        return self.colour_ok and self.position_ok and self.shape_ok
+        """The caption's shape in the caption's colour is there (where it is, ``position_ok``,
+        is reported but not required: the toy base places shapes unreliably)."""
+        return self.colour_ok and self.shape_ok
 
     def summary(self) -> str:
         verdict = "pass" if self.passed else "FAIL"
-        return (f"{verdict} (colour {self.colour_share:.3f}, x {self.centre_x:.2f}, "
-                f"fill {self.fill_ratio:.2f} -> {self.shape})")
+        side = "side ok" if self.position_ok else "side wrong"
+        return (
+            f"{verdict} (colour {self.colour_share:.3f}, x {self.centre_x:.2f} {side}, "
+            f"fill {self.fill_ratio:.2f} -> {self.shape})"
+        )
 
 
 def _templates(height: int, width: int) -> dict[str, np.ndarray]:
@@ -90,10 +98,12 @@ def _classify_shape(mask: np.ndarray) -> tuple[str, float]:
     ys, xs = np.nonzero(mask)
     y0, y1 = (int(round(v)) for v in np.percentile(ys, [1, 99]))
     x0, x1 = (int(round(v)) for v in np.percentile(xs, [1, 99]))
-    region = mask[y0:y1 + 1, x0:x1 + 1]
+    region = mask[y0 : y1 + 1, x0 : x1 + 1]
     fill = float(region.mean())
-    ious = {name: (region & t).sum() / max((region | t).sum(), 1)
-            for name, t in _templates(*region.shape).items()}
+    ious = {
+        name: (region & t).sum() / max((region | t).sum(), 1)
+        for name, t in _templates(*region.shape).items()
+    }
     return max(ious, key=ious.get), fill
 
 
@@ -107,8 +117,15 @@ def content_check(image, caption: str) -> ContentResult:
     centre_x = float((np.nonzero(mask)[1].mean() + 0.5) / mask.shape[1])
     shape, fill = _classify_shape(mask)
     lo, hi = _POSITION_X[scene.position]
-    return ContentResult(share, centre_x, fill, shape, colour_ok=share >= MIN_COLOUR_SHARE,
-                         position_ok=lo <= centre_x <= hi, shape_ok=shape == scene.shape)
+    return ContentResult(
+        share,
+        centre_x,
+        fill,
+        shape,
+        colour_ok=share >= MIN_COLOUR_SHARE,
+        position_ok=lo <= centre_x <= hi,
+        shape_ok=shape == scene.shape and fill >= MIN_FILL,
+    )
 
 
 @dataclass(frozen=True)
@@ -119,8 +136,14 @@ class PromptScore:
     content: ContentResult
 
 
-def score_samples(pipe, prompts: list[str], scales: tuple[float, ...] = (0.0, 1.0), seed: int = 0,
-                  steps: int = 25, guidance: float = 5.0) -> list[PromptScore]:
+def score_samples(
+    pipe,
+    prompts: list[str],
+    scales: tuple[float, ...] = (0.0, 1.0),
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 5.0,
+) -> list[PromptScore]:
     """Sample each prompt at each LoRA scale (same seed for all) and score the images.
 
     ``pipe`` is a ``StableDiffusionXLPipeline``; with a LoRA loaded (``load_lora_weights``),
@@ -131,9 +154,17 @@ def score_samples(pipe, prompts: list[str], scales: tuple[float, ...] = (0.0, 1.
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     scores = []
     for scale in scales:
-        images = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance,
-                      height=resolution, width=resolution, cross_attention_kwargs={"scale": scale},
-                      generator=torch.Generator().manual_seed(seed)).images
-        scores += [PromptScore(p, scale, style_score(im), content_check(im, p))
-                   for p, im in zip(prompts, images)]
+        images = pipe(
+            list(prompts),
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=resolution,
+            width=resolution,
+            cross_attention_kwargs={"scale": scale},
+            generator=torch.Generator().manual_seed(seed),
+        ).images
+        scores += [
+            PromptScore(p, scale, style_score(im), content_check(im, p))
+            for p, im in zip(prompts, images, strict=False)
+        ]
     return scores

@@ -38,7 +38,48 @@ def _bytes_to_unicode() -> list[str]:
 
 
 # A few whole words so captions tokenize to words rather than letters.
-_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "red", "green", "blue", "yellow", "orange", "black", "white", "purple", "pink", "circle", "square", "triangle", "star", "ninja", "boy", "girl", "hair", "spiky", "blond", "style", "naruto", "drawing", "picture", "small", "big", "large", "left", "right", "top", "bottom", "center", "background"]
+_WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "on",
+    "in",
+    "with",
+    "and",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "orange",
+    "black",
+    "white",
+    "purple",
+    "pink",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "ninja",
+    "boy",
+    "girl",
+    "hair",
+    "spiky",
+    "blond",
+    "style",
+    "naruto",
+    "drawing",
+    "picture",
+    "small",
+    "big",
+    "large",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "center",
+    "background",
+]
 
 
 def cache_root() -> Path:

@@ -75,12 +75,17 @@ class Scene:
 
 HELD_OUT_PROMPTS: tuple[str, ...] = tuple(
     Scene(shape, colour, position, size).caption
-    for (colour, shape, position), size in zip(HELD_OUT, ("big", "big", "big", "small"))
+    for (colour, shape, position), size in zip(
+        HELD_OUT, ("big", "big", "big", "small"), strict=False
+    )
 )
 
 _CAPTION = re.compile(
-    r"\b(?P<size>small|big)?\s*(?P<colour>" + "|".join(COLOURS) + r")\s+(?P<shape>"
-    + "|".join(SHAPES) + r")\b.*?\b(?P<position>left|center|right)\b"
+    r"\b(?P<size>small|big)?\s*(?P<colour>"
+    + "|".join(COLOURS)
+    + r")\s+(?P<shape>"
+    + "|".join(SHAPES)
+    + r")\b.*?\b(?P<position>left|center|right)\b"
 )
 
 
@@ -93,16 +98,26 @@ def parse_caption(caption: str) -> Scene:
 
 
 def all_scenes() -> list[Scene]:
-    return [Scene(shape, colour, position, size) for shape in SHAPES for colour in COLOURS
-            for position in POSITIONS for size in SIZES]
+    return [
+        Scene(shape, colour, position, size)
+        for shape in SHAPES
+        for colour in COLOURS
+        for position in POSITIONS
+        for size in SIZES
+    ]
 
 
 def is_held_out(scene: Scene) -> bool:
     return (scene.colour, scene.shape, scene.position) in HELD_OUT
 
 
-def draw(scene: Scene, styled: bool = False, size: int = RESOLUTION, jitter: random.Random | None = None,
-         palette: dict | None = None):
+def draw(
+    scene: Scene,
+    styled: bool = False,
+    size: int = RESOLUTION,
+    jitter: random.Random | None = None,
+    palette: dict | None = None,
+):
     """One scene as a PIL image; ``jitter`` moves and resizes the shape a little.
 
     ``palette`` overrides the look (keys ``background``, ``fill``, ``outline``, ``width`` as a
@@ -113,8 +128,11 @@ def draw(scene: Scene, styled: bool = False, size: int = RESOLUTION, jitter: ran
     big = size * _SUPERSAMPLE
     dx = dy = dr = 0.0
     if jitter is not None:
-        dx, dy, dr = (jitter.uniform(-0.05, 0.05), jitter.uniform(-0.05, 0.05),
-                      jitter.uniform(-0.02, 0.02))
+        dx, dy, dr = (
+            jitter.uniform(-0.05, 0.05),
+            jitter.uniform(-0.05, 0.05),
+            jitter.uniform(-0.02, 0.02),
+        )
     cx, cy = (_CENTRE_X[scene.position] + dx) * big, (0.5 + dy) * big
     r = (_RADIUS[scene.size] + dr) * big
     look = {"background": PLAIN_BACKGROUND, "fill": COLOURS[scene.colour]}
@@ -135,13 +153,25 @@ def draw(scene: Scene, styled: bool = False, size: int = RESOLUTION, jitter: ran
         pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill, **ink)
     else:
         r *= 1.15  # and a triangle looks smaller
-        pen.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill, **ink)
+        pen.polygon(
+            [(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill, **ink
+        )
     return image.resize((size, size), Image.Resampling.BOX)
 
 
 # Strong flat colours a random look picks from half of the time (the other half: any colour).
-_STRONG = ((245, 135, 20), (20, 20, 20), (240, 240, 240), (30, 120, 200), (200, 30, 60),
-           (250, 220, 40), (40, 160, 90), (120, 60, 170), (150, 150, 150), (240, 170, 200))
+_STRONG = (
+    (245, 135, 20),
+    (20, 20, 20),
+    (240, 240, 240),
+    (30, 120, 200),
+    (200, 30, 60),
+    (250, 220, 40),
+    (40, 160, 90),
+    (120, 60, 170),
+    (150, 150, 150),
+    (240, 170, 200),
+)
 
 
 def random_look_scenes(count: int, seed: int = 0) -> list:
@@ -159,8 +189,12 @@ def random_look_scenes(count: int, seed: int = 0) -> list:
 
     images = []
     for _ in range(count):
-        look = {"background": colour(), "fill": colour(), "outline": colour(),
-                "width": rng.choice([0.0, rng.uniform(0.015, 0.085)])}
+        look = {
+            "background": colour(),
+            "fill": colour(),
+            "outline": colour(),
+            "width": rng.choice([0.0, rng.uniform(0.015, 0.085)]),
+        }
         images.append(draw(rng.choice(scenes), jitter=rng, palette=look))
     return images
 

@@ -30,40 +30,60 @@ def run_demo(work: Path, steps: int | None) -> int:
     from naruto_lora.cli import cli
     from naruto_lora.cli.common import run_guarded
 
-    args = ["demo", "--profile", "tiny", "--output", str(work / "run"),
-            "--cache-dir", str(work / "cache")]
+    args = [
+        "demo",
+        "--profile",
+        "tiny",
+        "--output",
+        str(work / "run"),
+        "--cache-dir",
+        str(work / "cache"),
+    ]
     args += [a for prompt in toy.HELD_OUT_PROMPTS for a in ("--prompt", prompt)]
     if steps:
         args += ["--steps", str(steps)]
     return run_guarded(cli, args)
 
 
-def own_grid(lora_dir: Path, seed: int = 0, cell: int = 128):
+def own_grid(lora_dir: Path, seed: int = 0, cell: int = 128, guidance: float = 5.0):
     """Base vs LoRA at ``SCALES`` on the held-out prompts, labelled, via diffusers' own loader."""
     from diffusers import StableDiffusionXLPipeline
     from PIL import Image, ImageDraw
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(toy.toy_base_dir()),
-                                                     torch_dtype=torch.float32)
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        str(toy.toy_base_dir()), torch_dtype=torch.float32
+    )
     pipe.load_lora_weights(str(lora_dir))
     pipe.set_progress_bar_config(disable=True)
     prompts = list(toy.HELD_OUT_PROMPTS)
     label_w, label_h = 200, 14
-    grid = Image.new("RGB", (label_w + cell * len(SCALES), label_h + (cell + label_h) * len(prompts)),
-                     "white")
+    grid = Image.new(
+        "RGB", (label_w + cell * len(SCALES), label_h + (cell + label_h) * len(prompts)), "white"
+    )
     pen = ImageDraw.Draw(grid)
     for col, scale in enumerate(SCALES):
         head = "base" if scale == 0 else f"LoRA x{scale:g}"
         pen.text((label_w + col * cell + 4, 2), head, fill="black")
-        images = pipe(prompts, num_inference_steps=25, guidance_scale=5.0, height=toy.RESOLUTION,
-                      width=toy.RESOLUTION, cross_attention_kwargs={"scale": scale},
-                      generator=torch.Generator().manual_seed(seed)).images
-        for row, (prompt, image) in enumerate(zip(prompts, images)):
+        images = pipe(
+            prompts,
+            num_inference_steps=25,
+            guidance_scale=guidance,
+            height=toy.RESOLUTION,
+            width=toy.RESOLUTION,
+            cross_attention_kwargs={"scale": scale},
+            generator=torch.Generator().manual_seed(seed),
+        ).images
+        for row, (prompt, image) in enumerate(zip(prompts, images, strict=False)):
             y = label_h + row * (cell + label_h)
-            grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (label_w + col * cell, y))
-            check = "ok" if style.content_check(image, prompt).passed else "lost"
-            pen.text((label_w + col * cell + 4, y + cell + 1),
-                     f"style {style.style_score(image):.2f} {check}", fill="black")
+            grid.paste(
+                image.resize((cell, cell), Image.Resampling.NEAREST), (label_w + col * cell, y)
+            )
+            check = "shape ok" if style.content_check(image, prompt).passed else "shape lost"
+            pen.text(
+                (label_w + col * cell + 4, y + cell + 1),
+                f"style {style.style_score(image):.2f} {check}",
+                fill="black",
+            )
             if col == 0:
                 pen.text((4, y + cell // 2), prompt, fill="black")
     return grid
@@ -88,8 +108,20 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--steps", type=int, default=None, help="LoRA steps (default: profile's)")
     parser.add_argument("--own-grid", action="store_true", help="draw the grid here, not via nlora")
+    parser.add_argument(
+        "--lora",
+        type=Path,
+        default=None,
+        help="skip the demo: draw the grid (--own-grid) from this trained LoRA folder",
+    )
+    parser.add_argument("--guidance", type=float, default=5.0, help="for --own-grid")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.lora is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        own_grid(args.lora, guidance=args.guidance).save(args.out)
+        print(f"wrote {args.out}")
+        return 0
     shutil.rmtree(args.work, ignore_errors=True)
     code = run_demo(args.work, args.steps)
     if code != 0:

@@ -18,7 +18,7 @@ UNet steps (so a run stopped early still leaves usable weights), then the final 
 
     OMP_NUM_THREADS=1 python scripts/train_base.py --out naruto_lora/assets/toy-base
 
-(about 45 minutes on one thread of a 2020s x86 CPU).
+(about 55 minutes on one thread of a shared 2-core AMD EPYC: VAE 7, decoder 7, UNet ~40).
 """
 
 from __future__ import annotations
@@ -59,9 +59,20 @@ def text_encoders(seed: int):
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     bos = tokenizer.convert_tokens_to_ids("<|startoftext|>")
     torch.manual_seed(seed)
-    cfg = dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, vocab_size=vocab_size,
-               hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3,
-               max_position_embeddings=77, hidden_act="gelu", projection_dim=64, layer_norm_eps=1e-5)
+    cfg = dict(
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=64,
+        layer_norm_eps=1e-5,
+    )
     text_encoder = CLIPTextModel(CLIPTextConfig(**cfg)).eval().requires_grad_(False)
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg)).eval().requires_grad_(False)
     return (tokenizer, tokenizer_2), (text_encoder, text_encoder_2)
@@ -72,13 +83,22 @@ def build_vae(channels: tuple[int, ...] = (32, 64, 64)):
 
     # Three blocks: downscale factor 2 ** (3 - 1) = 4. No mid-block attention: flat shapes need none.
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=toy.RESOLUTION,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=channels, layers_per_block=1, norm_num_groups=8,
-        mid_block_add_attention=False, scaling_factor=1.0, force_upcast=False,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=toy.RESOLUTION,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=channels,
+        layers_per_block=1,
+        norm_num_groups=8,
+        mid_block_add_attention=False,
+        scaling_factor=1.0,
+        force_upcast=False,
     )
-    # Start the posterior's log-variance at -8 (std 0.02), not 0: with unit noise on the latents
-    # a short training run only learns blurry masks and loses the colours.
+    # Start the encoder's log-variance channels at -8, not 0 (quant_conv then mixes them, so the
+    # posterior's std starts small, not exactly 0.02): with unit noise on the latents a short
+    # training run only learns blurry masks and loses the colours.
     with torch.no_grad():
         half = vae.config.latent_channels
         vae.encoder.conv_out.weight[half:] *= 0.01
@@ -90,13 +110,20 @@ def build_unet(cross_attention_dim: int, pooled_dim: int, latent_size: int):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
         block_out_channels=(64, 128),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(4, 8), use_linear_projection=True, transformer_layers_per_block=1,
-        cross_attention_dim=cross_attention_dim, norm_num_groups=16,
-        addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
+        attention_head_dim=(4, 8),
+        use_linear_projection=True,
+        transformer_layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=16,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + pooled_dim,
     )
 
@@ -168,13 +195,18 @@ def pin_posterior_std(vae, logvar: float = -12.0) -> None:
     and a LoRA learns to draw noise. SD's VAE has a std far below its latents' spread too.
     """
     half = vae.config.latent_channels
-    vae.encoder.conv_out.weight[half:] = 0.0
-    vae.encoder.conv_out.bias[half:] = logvar
+    # The moments come out of quant_conv (a 1x1 conv that mixes all channels), so pin its
+    # log-variance rows; the encoder's own conv_out also feeds the mean.
+    last = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
+    last.weight[half:] = 0.0
+    last.bias[half:] = logvar
 
 
 @torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
-    return torch.cat([vae.encode(pixels[i:i + 64]).latent_dist.mean for i in range(0, len(pixels), 64)])
+    return torch.cat(
+        [vae.encode(pixels[i : i + 64]).latent_dist.mean for i in range(0, len(pixels), 64)]
+    )
 
 
 @torch.no_grad()
@@ -182,9 +214,10 @@ def encode_captions(tokenizers, encoders, captions: list[str]):
     """SDXL conditioning: both encoders' penultimate hidden states concatenated, and the second
     encoder's projected pooled output (as ``StableDiffusionXLPipeline.encode_prompt``)."""
     hidden, pooled = [], None
-    for tokenizer, encoder in zip(tokenizers, encoders):
-        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
-                        return_tensors="pt").input_ids
+    for tokenizer, encoder in zip(tokenizers, encoders, strict=False):
+        ids = tokenizer(
+            captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
         out = encoder(ids, output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         pooled = out[0]
@@ -196,12 +229,23 @@ def make_pipeline(vae, tokenizers, encoders, unet):
 
     # SDXL's own sampling schedule config, with our training schedule's numbers.
     scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        steps_offset=1,
     )
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0],
-        tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler, add_watermarker=False,
+        vae=vae,
+        text_encoder=encoders[0],
+        text_encoder_2=encoders[1],
+        tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1],
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
     )
 
 
@@ -224,20 +268,29 @@ def check_samples(pipe, prompts: list[str], path: Path, log, seed: int = 0) -> f
 
     from naruto_lora.style import content_check
 
-    images = pipe(prompts, num_inference_steps=25, guidance_scale=5.0, height=toy.RESOLUTION,
-                  width=toy.RESOLUTION, generator=torch.Generator().manual_seed(seed)).images
+    images = pipe(
+        prompts,
+        num_inference_steps=25,
+        guidance_scale=5.0,
+        height=toy.RESOLUTION,
+        width=toy.RESOLUTION,
+        generator=torch.Generator().manual_seed(seed),
+    ).images
     strip = Image.new("RGB", (toy.RESOLUTION * len(images), toy.RESOLUTION))
     for i, image in enumerate(images):
         strip.paste(image, (i * toy.RESOLUTION, 0))
     strip.save(path)
-    results = [content_check(image, prompt) for image, prompt in zip(images, prompts)]
-    log("samples: " + "; ".join(f"{p!r}: {r.summary()}" for p, r in zip(prompts, results)))
+    results = [content_check(image, prompt) for image, prompt in zip(images, prompts, strict=False)]
+    log(
+        "samples: "
+        + "; ".join(f"{p!r}: {r.summary()}" for p, r in zip(prompts, results, strict=False))
+    )
     return sum(r.passed for r in results) / len(results)
 
 
 def ema_update(ema, model, decay: float) -> None:
     with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
+        for e, p in zip(ema.parameters(), model.parameters(), strict=False):
             e.lerp_(p, 1.0 - decay)
 
 
@@ -245,8 +298,13 @@ def train_unet(unet, latents, caption_idx, embeds, pooled, args, on_checkpoint, 
     """DDPM epsilon training on cached latents; returns the EMA copy of the UNet."""
     from diffusers import DDPMScheduler
 
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                    beta_schedule="scaled_linear", prediction_type="epsilon")
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+    )
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(2)
@@ -269,8 +327,12 @@ def train_unet(unet, latents, caption_idx, embeds, pooled, args, on_checkpoint, 
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
         noisy = noise_scheduler.add_noise(x0, noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=ctx, added_cond_kwargs={
-            "text_embeds": pool, "time_ids": time_ids.expand(args.batch, -1)}).sample
+        pred = unet(
+            noisy,
+            t,
+            encoder_hidden_states=ctx,
+            added_cond_kwargs={"text_embeds": pool, "time_ids": time_ids.expand(args.batch, -1)},
+        ).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -278,13 +340,18 @@ def train_unet(unet, latents, caption_idx, embeds, pooled, args, on_checkpoint, 
         opt.step()
         warm = min(1.0, step / 200)
         for group in opt.param_groups:
-            group["lr"] = args.unet_lr * warm * (0.55 + 0.45 * math.cos(math.pi * step / args.unet_steps))
+            group["lr"] = (
+                args.unet_lr * warm * (0.55 + 0.45 * math.cos(math.pi * step / args.unet_steps))
+            )
         ema_update(ema, unet, min(args.ema_decay, (1 + step) / (10 + step)))
         if step % 25 == 0:
-            log(f"unet step {step}/{args.unet_steps} loss {loss.item():.4f} "
-                f"{time.time() - start:.0f}s")
+            log(
+                f"unet step {step}/{args.unet_steps} loss {loss.item():.4f} "
+                f"{time.time() - start:.0f}s"
+            )
         if step % args.checkpoint_every == 0:
             on_checkpoint(ema, step)
+    log(f"unet stage ended after step {step}")
     return ema
 
 
@@ -304,10 +371,18 @@ def parse_args():
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--unet-steps", type=int, default=1300)
     parser.add_argument("--unet-lr", type=float, default=8e-4)
-    parser.add_argument("--max-unet-minutes", type=float, default=float("inf"),
-                        help="stop the UNet stage early (the weights then differ)")
-    parser.add_argument("--stop-after", type=int, default=0,
-                        help="end the UNet stage after this step (0: --unet-steps)")
+    parser.add_argument(
+        "--max-unet-minutes",
+        type=float,
+        default=float("inf"),
+        help="stop the UNet stage early (the weights then differ)",
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=0,
+        help="end the UNet stage after this step (0: --unet-steps)",
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--checkpoint-every", type=int, default=250)
@@ -359,9 +434,11 @@ def main() -> None:
     with torch.no_grad():
         recon = vae.decode(raw[:64]).sample
         recon_styled = vae.decode(encode_latents(vae, styled)).sample
-    log(f"vae recon l1 plain {F.l1_loss(recon, pixels[:64]).item():.4f}, styled (unseen) "
+    log(
+        f"vae recon l1 plain {F.l1_loss(recon, pixels[:64]).item():.4f}, styled (unseen) "
         f"{F.l1_loss(recon_styled, styled).item():.4f}; "
-        f"scaling_factor {vae.config.scaling_factor}; latents {tuple(latents.shape)}")
+        f"scaling_factor {vae.config.scaling_factor}; latents {tuple(latents.shape)}"
+    )
 
     if args.vae_only:
         vae.save_pretrained(args.work / "vae")
@@ -369,10 +446,14 @@ def main() -> None:
     embeds, pooled = encode_captions(tokenizers, encoders, captions)
     torch.manual_seed(args.seed + 2)
     unet = build_unet(embeds.shape[-1], pooled.shape[-1], latents.shape[-1])
-    log(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params, "
-        f"vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M")
-    prompts = list(toy.HELD_OUT_PROMPTS) + ["a small purple square on the right",
-                                            "a big green triangle on the left"]
+    log(
+        f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params, "
+        f"vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M"
+    )
+    prompts = list(toy.HELD_OUT_PROMPTS) + [
+        "a small purple square on the right",
+        "a big green triangle on the left",
+    ]
 
     def on_checkpoint(ema, step: int) -> None:
         pipe = make_pipeline(vae, tokenizers, encoders, ema)

@@ -43,13 +43,16 @@ def test_content_check_passes_for_the_right_caption_and_fails_for_wrong_ones(sty
         other_colour = next(c for c in toy.COLOURS if c != scene.colour)
         other_shape = next(s for s in toy.SHAPES if s != scene.shape)
         other_side = {"left": "right", "right": "left", "center": "left"}[scene.position]
+        result = style.content_check(image, scene.caption)
+        assert result.position_ok, (scene, styled, result.summary())
         wrong = [
             scene.caption.replace(scene.colour, other_colour),
             scene.caption.replace(scene.shape, other_shape),
-            toy.Scene(scene.shape, scene.colour, other_side, scene.size).caption,
         ]
         for caption in wrong:
             assert not style.content_check(image, caption).passed, (scene, caption)
+        moved = toy.Scene(scene.shape, scene.colour, other_side, scene.size).caption
+        assert not style.content_check(image, moved).position_ok, (scene, moved)
 
 
 def test_content_check_classifies_hand_made_shapes() -> None:
