@@ -212,7 +212,12 @@ def test_resume_after_sigkill(data8, tmp_path, nlora_home):
     assert resumed.report.reused in (2, 4) and resumed.report.reused + resumed.report.encoded == 8
     assert not resumed.report.corrupt
     clean = all_latents(ensure_latent_cache(make_profile(data8, tmp_path / "clean")))
-    assert all(torch.equal(v, clean[k]) for k, v in all_latents(resumed).items())
+    # Equal up to fp16 storage rounding: the killed run encoded in a child process whose thread
+    # count (and so the convolutions' summation order) may differ from this one's.
+    resumed_latents = all_latents(resumed)
+    assert resumed_latents.keys() == clean.keys()
+    for key, value in resumed_latents.items():
+        torch.testing.assert_close(value, clean[key], rtol=2e-3, atol=2e-3)
     folder = latent_cache_dir(profile)
     assert not list(folder.glob(".*.tmp")) and not list((folder / "shards").glob(".*"))
 
