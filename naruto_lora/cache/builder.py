@@ -331,3 +331,55 @@ def open_readers(folder: Path, index: Index, names: set[str]) -> dict[str, Shard
                 "--to-disk`): it detects the damaged shard and rebuilds its items.",
             ) from exc
     return readers
+
+
+class ReadyCache:
+    """What a ready latent or text cache shares: its folder and index, the entries it serves
+    (``keys``), the shard and slot of each, and memory maps of those shards."""
+
+    kind = ""
+    label = ""
+
+    def __init__(
+        self, folder: Path, index: Index, keys: list[str], report: BuildReport | None = None
+    ):
+        self.folder = Path(folder)
+        self.index = index
+        self.keys = list(keys)
+        self.report = report
+        self._slots = {k: (index.entries[k].shard, index.entries[k].slot) for k in self.keys}
+        self._readers = self._open_readers()
+
+    def _open_readers(self) -> dict[str, ShardReader]:
+        return open_readers(self.folder, self.index, {s for s, _ in self._slots.values()})
+
+    @classmethod
+    def open(cls, folder: Path | str) -> ReadyCache:
+        """Open a cache as it is on disk (no data set, no profile): for info and benchmarks."""
+        from naruto_lora.errors import UserError
+
+        index = manifest.read_index(Path(folder), cls.kind)
+        if index is None:
+            raise UserError(f"'{folder}' holds no {cls.label} cache (no readable index.json).")
+        return cls(Path(folder), index, index.order)
+
+    @property
+    def common(self) -> dict[str, Any]:
+        return self.index.common
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _tensor(self, key: str, name: str) -> torch.Tensor:
+        shard, slot = self._slots[key]
+        return self._readers[shard].get(f"{slot:06d}.{name}")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # mmaps do not pickle: spawned loader workers reopen the shards.
+        state = dict(self.__dict__)
+        state["_readers"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._readers = self._open_readers()

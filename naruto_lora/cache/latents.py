@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from naruto_lora.cache import manifest
-from naruto_lora.cache.builder import BuildReport, Planned, open_readers, sync_cache
+from naruto_lora.cache.builder import BuildReport, Planned, ReadyCache, sync_cache
 from naruto_lora.cache.manifest import Index, fingerprint
 from naruto_lora.data import (
     RESAMPLE,
@@ -211,10 +211,11 @@ def _decode(pi: PlannedItem) -> Any:
         return str(exc)
 
 
-class LatentCache:
+class LatentCache(ReadyCache):
     """A ready latent cache: ``items[i]`` describes entry i, ``latents(i)`` reads it."""
 
     kind = KIND
+    label = "latent"
 
     def __init__(
         self,
@@ -224,48 +225,17 @@ class LatentCache:
         metas: list[dict[str, Any]] | None = None,
         report: BuildReport | None = None,
     ):
-        self.folder = Path(folder)
-        self.index = index
-        self.keys = list(keys)
+        super().__init__(folder, index, keys, report)
         metas = metas if metas is not None else [index.entries[k].meta for k in self.keys]
         self.items: list[ItemMeta] = [item_meta(m) for m in metas]
-        self.report = report
-        self._slots = [(index.entries[k].shard, index.entries[k].slot) for k in self.keys]
-        self._readers = open_readers(self.folder, index, {s for s, _ in self._slots})
-
-    @classmethod
-    def open(cls, folder: Path | str) -> LatentCache:
-        """Open a cache as it is on disk (no data set, no profile): for info and benchmarks."""
-        index = manifest.read_index(Path(folder), KIND)
-        if index is None:
-            raise UserError(f"'{folder}' holds no latent cache (no readable index.json).")
-        return cls(Path(folder), index, index.order)
-
-    @property
-    def common(self) -> dict[str, Any]:
-        return self.index.common
-
-    def __len__(self) -> int:
-        return len(self.keys)
 
     def stored(self, i: int) -> torch.Tensor:
         """Entry i's latents exactly as stored (fp16), as a read-only-by-convention view."""
-        shard, slot = self._slots[i]
-        return self._readers[shard].get(f"{slot:06d}.latents")
+        return self._tensor(self.keys[i], "latents")
 
     def latents(self, i: int) -> torch.Tensor:
         """Entry i's latents as a float32 tensor [C, h, w] (a copy the caller may change)."""
         return self.stored(i).to(torch.float32, copy=True)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # mmaps do not pickle: spawned loader workers reopen the shards.
-        state = dict(self.__dict__)
-        state["_readers"] = None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._readers = open_readers(self.folder, self.index, {s for s, _ in self._slots})
 
 
 def _print_warnings(messages: list[str]) -> None:

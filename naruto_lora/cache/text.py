@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from naruto_lora.cache import manifest
-from naruto_lora.cache.builder import BuildReport, Planned, assess, open_readers, sync_cache
+from naruto_lora.cache.builder import BuildReport, Planned, ReadyCache, assess, sync_cache
 from naruto_lora.cache.latents import resolve_device
 from naruto_lora.cache.manifest import Index, fingerprint
 from naruto_lora.data import Skipped, check_usable, scan_source
@@ -131,65 +131,35 @@ def clip_encoder(model_cfg: Any, device: torch.device):
     return prepare, encode
 
 
-class TextCache:
+class TextCache(ReadyCache):
     """A ready text cache: ``embeddings(caption)`` -> (prompt_embeds, pooled_embeds), fp16."""
 
     kind = KIND
+    label = "text"
 
     def __init__(
         self, folder: Path, index: Index, keys: list[str], report: BuildReport | None = None
     ):
-        self.folder = Path(folder)
-        self.index = index
-        self.keys = list(keys)
-        self.report = report
-        self._slots = {k: (index.entries[k].shard, index.entries[k].slot) for k in self.keys}
+        super().__init__(folder, index, keys, report)
         self.captions = [index.entries[k].meta["caption"] for k in self.keys]
-        self._readers = open_readers(self.folder, index, {s for s, _ in self._slots.values()})
-
-    @classmethod
-    def open(cls, folder: Path | str) -> TextCache:
-        index = manifest.read_index(Path(folder), KIND)
-        if index is None:
-            raise UserError(f"'{folder}' holds no text cache (no readable index.json).")
-        return cls(Path(folder), index, index.order)
-
-    @property
-    def common(self) -> dict[str, Any]:
-        return self.index.common
-
-    def __len__(self) -> int:
-        return len(self.keys)
 
     def __contains__(self, caption: str) -> bool:
         return caption_key(caption) in self._slots
 
     def stored(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The caption's embeddings as views of the mapped shard (copy before changing them)."""
-        try:
-            shard, slot = self._slots[caption_key(caption)]
-        except KeyError:
+        key = caption_key(caption)
+        if key not in self._slots:
             raise UserError(
                 f"The text cache '{self.folder}' has no embeddings for the caption {caption!r}.",
                 hint=f"Run `{COMMAND}` with the training profile to refresh it.",
-            ) from None
-        reader = self._readers[shard]
-        return reader.get(f"{slot:06d}.prompt_embeds"), reader.get(f"{slot:06d}.pooled_embeds")
+            )
+        return self._tensor(key, "prompt_embeds"), self._tensor(key, "pooled_embeds")
 
     def embeddings(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt_embeds [seq, D], pooled_embeds [P]) for ``caption``, fp16 copies."""
         prompt_embeds, pooled_embeds = self.stored(caption)
         return prompt_embeds.clone(), pooled_embeds.clone()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_readers"] = None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        names = {s for s, _ in self._slots.values()}
-        self._readers = open_readers(self.folder, self.index, names)
 
 
 def plan_text_entries(
