@@ -11,7 +11,7 @@ import json
 import sys
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -366,103 +366,38 @@ def build_dataclass(cls: type, table: Any, where: str) -> Any:
     return cls(**values)
 
 
+# Value rules that types cannot express: (dotted key, test, what the value must be).
+_VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("data.resolution", lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8"),
+    ("data.max_items", lambda v: v >= 0, "0 (all) or more"),
+    ("data.source", bool, "a hub id or a local folder"),
+    ("model.pretrained", bool, "a hub id or a local folder"),
+    ("cache.shard_items", lambda v: v >= 1, "at least 1"),
+    ("lora.rank", lambda v: v >= 1, "at least 1"),
+    ("lora.alpha", lambda v: v > 0, "positive"),
+    ("lora.target_modules", lambda v: len(v) > 0, "a non-empty list"),
+    ("lora.dropout", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("train.batch_size", lambda v: v >= 1, "at least 1"),
+    ("train.gradient_accumulation_steps", lambda v: v >= 1, "at least 1"),
+    ("train.epochs", lambda v: v >= 1, "at least 1"),
+    ("train.max_steps", lambda v: v >= 1, "at least 1"),
+    ("train.learning_rate", lambda v: v > 0, "positive"),
+    ("train.lr_scheduler", lambda v: v in LR_SCHEDULERS, f"one of {', '.join(LR_SCHEDULERS)}"),
+    ("train.lr_warmup_steps", lambda v: v >= 0, "0 or more"),
+    ("train.max_grad_norm", lambda v: v >= 0, "0 (off) or more"),
+    ("train.checkpoint_every", lambda v: v >= 0, "0 (off) or more"),
+    ("train.checkpoints_keep", lambda v: v >= 1, "at least 1"),
+    ("train.max_nonfinite_in_row", lambda v: v >= 1, "at least 1"),
+    ("validation.every_steps", lambda v: v >= 0, "0 (off) or more"),
+)
+
+
 def _validate_values(profile: Profile) -> None:
-    checks = [
-        (
-            profile.data.resolution >= 8 and profile.data.resolution % 8 == 0,
-            "data.resolution",
-            profile.data.resolution,
-            "a positive multiple of 8",
-        ),
-        (profile.lora.rank >= 1, "lora.rank", profile.lora.rank, "at least 1"),
-        (profile.lora.alpha > 0, "lora.alpha", profile.lora.alpha, "positive"),
-        (
-            len(profile.lora.target_modules) > 0,
-            "lora.target_modules",
-            list(profile.lora.target_modules),
-            "a non-empty list",
-        ),
-        (0.0 <= profile.lora.dropout < 1.0, "lora.dropout", profile.lora.dropout, "in [0, 1)"),
-        (profile.train.batch_size >= 1, "train.batch_size", profile.train.batch_size, "at least 1"),
-        (
-            profile.train.gradient_accumulation_steps >= 1,
-            "train.gradient_accumulation_steps",
-            profile.train.gradient_accumulation_steps,
-            "at least 1",
-        ),
-        (profile.train.epochs >= 1, "train.epochs", profile.train.epochs, "at least 1"),
-        (profile.train.max_steps >= 1, "train.max_steps", profile.train.max_steps, "at least 1"),
-        (
-            profile.train.learning_rate > 0,
-            "train.learning_rate",
-            profile.train.learning_rate,
-            "positive",
-        ),
-        (
-            profile.train.lr_scheduler in LR_SCHEDULERS,
-            "train.lr_scheduler",
-            profile.train.lr_scheduler,
-            f"one of {', '.join(LR_SCHEDULERS)}",
-        ),
-        (
-            profile.train.lr_warmup_steps >= 0,
-            "train.lr_warmup_steps",
-            profile.train.lr_warmup_steps,
-            "0 or more",
-        ),
-        (
-            profile.train.max_grad_norm >= 0,
-            "train.max_grad_norm",
-            profile.train.max_grad_norm,
-            "0 (off) or more",
-        ),
-        (
-            profile.train.checkpoint_every >= 0,
-            "train.checkpoint_every",
-            profile.train.checkpoint_every,
-            "0 (off) or more",
-        ),
-        (
-            profile.train.checkpoints_keep >= 1,
-            "train.checkpoints_keep",
-            profile.train.checkpoints_keep,
-            "at least 1",
-        ),
-        (
-            profile.train.max_nonfinite_in_row >= 1,
-            "train.max_nonfinite_in_row",
-            profile.train.max_nonfinite_in_row,
-            "at least 1",
-        ),
-        (
-            profile.validation.every_steps >= 0,
-            "validation.every_steps",
-            profile.validation.every_steps,
-            "0 (off) or more",
-        ),
-        (
-            profile.cache.shard_items >= 1,
-            "cache.shard_items",
-            profile.cache.shard_items,
-            "at least 1",
-        ),
-        (profile.data.max_items >= 0, "data.max_items", profile.data.max_items, "0 (all) or more"),
-        (
-            bool(profile.model.pretrained),
-            "model.pretrained",
-            profile.model.pretrained,
-            "a hub id or a local folder",
-        ),
-        (
-            bool(profile.data.source),
-            "data.source",
-            profile.data.source,
-            "a hub id or a local folder",
-        ),
-    ]
-    for ok, key, value, expected in checks:
-        if not ok:
-            raise UserError(f"{key} = {value!r} is invalid: it must be {expected}.")
+    for key, ok, expected in _VALUE_RULES:
+        section, name = key.split(".")
+        value = getattr(getattr(profile, section), name)
+        if not ok(value):
+            raise UserError(f"{key} = {_plain(value)!r} is invalid: it must be {expected}.")
 
 
 def validate(
