@@ -338,7 +338,7 @@ def train_unet(unet, latents, caption_idx, embeds, pooled, args, on_checkpoint, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
-        warm = min(1.0, step / 200)
+        warm = min(1.0, step / max(1, args.unet_warmup))
         for group in opt.param_groups:
             group["lr"] = (
                 args.unet_lr * warm * (0.55 + 0.45 * math.cos(math.pi * step / args.unet_steps))
@@ -353,6 +353,53 @@ def train_unet(unet, latents, caption_idx, embeds, pooled, args, on_checkpoint, 
             on_checkpoint(ema, step)
     log(f"unet stage ended after step {step}")
     return ema
+
+
+def random_look_training_set(count: int, seed: int) -> tuple[list, list]:
+    """``count`` scenes in random looks the captions do not mention (background, outline colour
+    and width drawn at random; the fill stays the caption's colour), and their scenes.
+
+    Trained on these, the UNet can draw many looks for one caption, so a LoRA only has to pick
+    one (the style's) instead of learning a look the base never drew.
+    """
+    import random
+
+    rng = random.Random(seed + 7)
+    scenes = toy.all_scenes()
+
+    def colour() -> tuple[int, int, int]:
+        if rng.random() < 0.5:
+            return rng.choice(toy._STRONG)
+        return tuple(rng.randrange(256) for _ in range(3))
+
+    chosen, images = [], []
+    while len(images) < count:
+        scene = rng.choice(scenes)
+        fill = toy.COLOURS[scene.colour]
+        background = colour()
+        if math.dist(background, fill) < 90:  # the shape must stay visible
+            continue
+        look = {
+            "background": background,
+            "fill": fill,
+            "outline": colour(),
+            "width": rng.choice([0.0, rng.uniform(0.015, 0.085)]),
+        }
+        chosen.append(scene)
+        images.append(toy.draw(scene, jitter=rng, palette=look))
+    return chosen, images
+
+
+def load_base(folder: Path):
+    """Tokenizers, text encoders and VAE (and the UNet, as a start) of an existing base."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    tokenizers = (pipe.tokenizer, pipe.tokenizer_2)
+    encoders = (pipe.text_encoder.eval(), pipe.text_encoder_2.eval())
+    for module in (*encoders, pipe.vae):
+        module.requires_grad_(False)
+    return tokenizers, encoders, pipe.vae.eval(), pipe.unet.train()
 
 
 def parse_args():
@@ -382,6 +429,20 @@ def parse_args():
         type=int,
         default=0,
         help="end the UNet stage after this step (0: --unet-steps)",
+    )
+    parser.add_argument("--unet-warmup", type=int, default=200, help="UNet lr warm-up steps")
+    parser.add_argument(
+        "--random-look-share",
+        type=float,
+        default=0.0,
+        help="extra UNet training scenes in random looks, as a share of the plain ones "
+        "(captions unchanged)",
+    )
+    parser.add_argument(
+        "--from-base",
+        type=Path,
+        default=None,
+        help="UNet stage only: keep this base's text encoders and VAE, start from its UNet",
     )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--ema-decay", type=float, default=0.998)
