@@ -451,25 +451,9 @@ def parse_args():
     return parser.parse_args()
 
 
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)  # the reference run: one thread of a shared 2-core CPU
-    torch.manual_seed(args.seed)
-    args.work.mkdir(parents=True, exist_ok=True)
-    log_file = (args.work / "train.log").open("a")
-
-    def log(message: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {message}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
-
-    scenes = toy.plain_scenes(args.per_scene, seed=args.seed)
-    pixels = image_tensor([image for _, image in scenes])
-    captions = sorted({scene.caption for scene, _ in scenes}) + [""]
-    caption_idx = torch.tensor([captions.index(scene.caption) for scene, _ in scenes])
-    log(f"{len(scenes)} plain images, {len(captions) - 1} captions; args {vars(args)}")
-
+def vae_stage(args, pixels: torch.Tensor, log):
+    """Text encoders at their seeded init and a VAE trained here; ``None`` after a trial run
+    (``--vae-only``, ``--decoder-only``)."""
     tokenizers, encoders = text_encoders(args.seed)
     torch.manual_seed(args.seed + 1)
     vae = build_vae(tuple(args.vae_channels))
@@ -483,7 +467,7 @@ def main() -> None:
         vae = AutoencoderKL.from_pretrained(args.decoder_only)
         finetune_decoder(vae, vae_pixels, args.decoder_steps, args.vae_batch, args.decoder_lr, log)
         vae.save_pretrained(args.work / "vae-decoder")
-        return
+        return None
     train_vae(vae, vae_pixels, args.vae_steps, args.vae_batch, args.vae_lr, log)
     finetune_decoder(vae, vae_pixels, args.decoder_steps, args.vae_batch, args.decoder_lr, log)
     pin_posterior_std(vae)
@@ -503,10 +487,51 @@ def main() -> None:
 
     if args.vae_only:
         vae.save_pretrained(args.work / "vae")
-        return
+        return None
+    return tokenizers, encoders, vae, latents, None
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)  # the reference run: one thread of a shared 2-core CPU
+    torch.manual_seed(args.seed)
+    args.work.mkdir(parents=True, exist_ok=True)
+    log_file = (args.work / "train.log").open("a")
+
+    def log(message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    scenes = toy.plain_scenes(args.per_scene, seed=args.seed)
+    pixels = image_tensor([image for _, image in scenes])
+    captions = sorted({scene.caption for scene, _ in scenes}) + [""]
+    caption_idx = torch.tensor([captions.index(scene.caption) for scene, _ in scenes])
+    log(f"{len(scenes)} plain images, {len(captions) - 1} captions; args {vars(args)}")
+
+    if args.from_base:
+        # UNet stage only: the base's text encoders and VAE stay exactly as they are.
+        tokenizers, encoders, vae, unet = load_base(args.from_base)
+        latents = encode_latents(vae, pixels) * vae.config.scaling_factor
+        log(f"from base {args.from_base}: scaling_factor {vae.config.scaling_factor}")
+    else:
+        stage = vae_stage(args, pixels, log)
+        if stage is None:
+            return
+        tokenizers, encoders, vae, latents, unet = stage
+    if args.random_look_share > 0:
+        count = round(args.random_look_share * len(pixels))
+        extra_scenes, extra_images = random_look_training_set(count, args.seed)
+        extra = encode_latents(vae, image_tensor(extra_images)) * vae.config.scaling_factor
+        latents = torch.cat([latents, extra])
+        extra_idx = torch.tensor([captions.index(scene.caption) for scene in extra_scenes])
+        caption_idx = torch.cat([caption_idx, extra_idx])
+        log(f"{count} more scenes in random looks for the UNet; latents {tuple(latents.shape)}")
     embeds, pooled = encode_captions(tokenizers, encoders, captions)
-    torch.manual_seed(args.seed + 2)
-    unet = build_unet(embeds.shape[-1], pooled.shape[-1], latents.shape[-1])
+    if unet is None:
+        torch.manual_seed(args.seed + 2)
+        unet = build_unet(embeds.shape[-1], pooled.shape[-1], latents.shape[-1])
     log(
         f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params, "
         f"vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M"
