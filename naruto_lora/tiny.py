@@ -117,14 +117,42 @@ def write_tokenizer(folder: Path) -> int:
     return len(vocab)
 
 
+def clip_tokenizers(max_length: int = 77):
+    """SDXL's two tokenizers over the tiny vocabulary (the second pads with "!", as SDXL's
+    OpenCLIP tokenizer does); returns them and the vocabulary size."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_size = write_tokenizer(Path(tmp))
+        files = (str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"))
+        tokenizer = CLIPTokenizer(*files, model_max_length=max_length)
+        tokenizer_2 = CLIPTokenizer(*files, pad_token="!", model_max_length=max_length)
+    return tokenizer, tokenizer_2, vocab_size
+
+
+def sdxl_euler_scheduler():
+    """The sampling scheduler config SDXL ships (Euler, scaled-linear 0.00085-0.012, 1000 steps)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+
+
 def build_tiny_pipeline(seed: int = 0):
     """The tiny SDXL pipeline object, random weights from a fixed seed."""
-    import tempfile
 
     import torch
     from diffusers import (
         AutoencoderKL,
-        EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
@@ -132,20 +160,9 @@ def build_tiny_pipeline(seed: int = 0):
         CLIPTextConfig,
         CLIPTextModel,
         CLIPTextModelWithProjection,
-        CLIPTokenizer,
     )
 
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_size = write_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer(
-            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77
-        )
-        tokenizer_2 = CLIPTokenizer(
-            str(Path(tmp) / "vocab.json"),
-            str(Path(tmp) / "merges.txt"),
-            pad_token="!",
-            model_max_length=77,
-        )
+    tokenizer, tokenizer_2, vocab_size = clip_tokenizers()
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     bos = tokenizer.convert_tokens_to_ids("<|startoftext|>")
     torch.manual_seed(seed)
@@ -197,15 +214,7 @@ def build_tiny_pipeline(seed: int = 0):
         sample_size=64,
         scaling_factor=0.5,
     )
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
+    scheduler = sdxl_euler_scheduler()
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -28,7 +28,6 @@ import copy
 import json
 import math
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from naruto_lora import toy
-from naruto_lora.tiny import write_tokenizer
+from naruto_lora.tiny import clip_tokenizers, sdxl_euler_scheduler
 
 TIME_EMBED_DIM = 8
 
@@ -48,14 +47,9 @@ def text_encoders(seed: int):
         CLIPTextConfig,
         CLIPTextModel,
         CLIPTextModelWithProjection,
-        CLIPTokenizer,
     )
 
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_size = write_tokenizer(Path(tmp))
-        files = (str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"))
-        tokenizer = CLIPTokenizer(*files, model_max_length=77)
-        tokenizer_2 = CLIPTokenizer(*files, pad_token="!", model_max_length=77)
+    tokenizer, tokenizer_2, vocab_size = clip_tokenizers()
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     bos = tokenizer.convert_tokens_to_ids("<|startoftext|>")
     torch.manual_seed(seed)
@@ -225,18 +219,9 @@ def encode_captions(tokenizers, encoders, captions: list[str]):
 
 
 def make_pipeline(vae, tokenizers, encoders, unet):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
 
-    # SDXL's own sampling schedule config, with our training schedule's numbers.
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
+    scheduler = sdxl_euler_scheduler()
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=encoders[0],
