@@ -42,6 +42,7 @@ EXPORT_DTYPES = ("fp16", "bf16", "fp32")
 TOLERANCE = {"fp32": 1e-5, "fp16": 4e-3, "bf16": 3e-2}
 MERGED_INFO_NAME = "nlora_export.json"
 SDXL_BASE_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
+MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 
 @dataclass(frozen=True)
@@ -100,15 +101,60 @@ def target_path(fmt: str, out: Path, lora_file: Path) -> Path:
     return target
 
 
-def check_folder_target(target: Path, marker: str) -> None:
+def check_folder_target(target: Path, marker: str, overwrite: bool = False) -> None:
     """A folder export replaces ``target`` whole, so only an earlier export of the same kind may
-    be there; anything else would be deleted."""
+    be there, and only with ``--overwrite``; anything else would be deleted."""
     if target.is_file():
         raise UserError(f"--out '{target}' is a file; this format writes a folder.")
-    if target.is_dir() and any(target.iterdir()) and not (target / marker).is_file():
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not (target / marker).is_file():
         raise UserError(
             f"--out '{target}' is a folder with other files in it; exporting there would replace them.",
-            hint="Choose a new folder (or an earlier export of this format) for --out.",
+            hint="Choose a new folder (or, with --overwrite, an earlier export of this format) "
+            "for --out.",
+        )
+    if not overwrite:
+        raise UserError(
+            f"--out '{target}' already holds an export ({marker} is there); it is not replaced "
+            "without --overwrite.",
+            hint="Choose another --out, or give --overwrite to replace it.",
+        )
+
+
+def describe_file(path: Path) -> str:
+    """What an existing file is, in a few words, for a refusal to replace it."""
+    size = path.stat().st_size
+    if path.suffix.lower() != ".safetensors":
+        return f"a file of {size:,} bytes"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            keys, meta = list(fh.keys()), fh.metadata() or {}
+    except Exception:
+        return f"a file of {size:,} bytes that is not a readable safetensors file"
+    lora = [k for k in keys if "lora" in k.lower()]
+    if not lora:
+        return f"a safetensors file of {len(keys)} tensors that is not a LoRA ({size:,} bytes)"
+    made = meta.get("nlora.profile") or meta.get("profile")
+    steps = meta.get("nlora.steps") or meta.get("steps") or meta.get("ss_steps")
+    about = f", profile '{made}'" if made else ""
+    about += f", {steps} steps" if steps else ""
+    return f"a LoRA file ({len(lora)} LoRA tensors{about}, {size:,} bytes)"
+
+
+def check_file_target(target: Path, fmt: str, overwrite: bool) -> None:
+    if target.is_dir():
+        raise UserError(
+            f"'{target}' is a folder; --format {fmt} writes a file there.",
+            hint="Give a .safetensors path for --out.",
+        )
+    if target.exists() and not overwrite:
+        raise UserError(
+            f"--out '{target}' already exists: {describe_file(target)}. It is not replaced "
+            "without --overwrite.",
+            hint="Choose another --out, or give --overwrite to replace it.",
         )
 
 
@@ -123,6 +169,18 @@ def architecture(unet_config: Mapping[str, Any]) -> str:
         and unet_config.get("addition_embed_type") == "text_time"
     )
     return SDXL_BASE_ARCHITECTURE if sdxl else "sdxl-architecture-custom/lora"
+
+
+def shareable_model_name(model: str) -> str:
+    """A base model as it may appear in a shared file: a hub id (or ``nlora:`` id) as given, a
+    local folder by its name only (a path would tell the world the trainer's folders)."""
+    if model.startswith("nlora:"):
+        return model
+    path = Path(model).expanduser()
+    looks_local = path.is_absolute() or model.startswith(("~", ".")) or "\\" in model
+    if looks_local or path.exists() or model.count("/") > 1:
+        return path.name or model
+    return model
 
 
 def _training_value(weights: LoraWeights, key: str) -> str | None:
@@ -146,8 +204,11 @@ def export_metadata(
     resolution = _training_value(weights, "resolution") or (
         str(profile.data.resolution) if profile else ""
     )
-    base_model = _training_value(weights, "base_model") or model_cfg.pretrained
+    base_model = shareable_model_name(
+        _training_value(weights, "base_model") or model_cfg.pretrained
+    )
     arch = architecture(unet_config)
+    now = time.time()
     values = {
         "base_model": base_model,
         "vae": _training_value(weights, "vae") or model_cfg.vae or "(the model's own)",
@@ -161,7 +222,7 @@ def export_metadata(
         "modules": str(len(weights.modules)),
         "source": f"{weights.path.parent.name}/{weights.path.name}",  # no home folders in shared files
         "format": fmt,
-        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)),
         "version": __version__,
     }
     metadata = {f"nlora.{k}": v for k, v in values.items()}
@@ -175,6 +236,10 @@ def export_metadata(
             "ss_steps": values["steps"],
             "modelspec.sai_model_spec": "1.0.0",
             "modelspec.architecture": arch,
+            # kohya keys are SGM (Stability's generative-models) module names; the spec marks
+            # this key required, and kohya's own trainers write this value for SDXL.
+            "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
+            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
             "modelspec.title": default_name(weights.path),
             "modelspec.resolution": f"{resolution}x{resolution}" if resolution else "",
         }
@@ -205,16 +270,33 @@ def write_safetensors(
     path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 ) -> str:
     """Write with the weights' hash in the metadata; returns the hash."""
-    from safetensors.torch import save, save_file
+    from safetensors.torch import save
+
+    from naruto_lora.io import save_safetensors
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     digest = weights_sha256(save(tensors))
-    save_file(
-        tensors,
-        str(path),
-        metadata={**metadata, "nlora.weights_sha256": digest, "sshs_model_hash": digest},
+    save_safetensors(
+        path, tensors, {**metadata, "nlora.weights_sha256": digest, "sshs_model_hash": digest}
     )
     return digest
+
+
+def _usual_file_mode(path: Path) -> None:
+    """The mode a plain open() gives under the user's umask (a service running as another user,
+    ComfyUI or A1111, must be able to read an export)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
+def _fsync_folder(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _usual_folder_mode(folder: Path) -> None:
@@ -328,7 +410,9 @@ def staged_file(target: Path) -> Iterator[Path]:
         yield staged
         with open(staged, "rb+") as fh:
             os.fsync(fh.fileno())
+        _usual_file_mode(staged)
         os.replace(staged, target)
+        _fsync_folder(target.parent)
     except BaseException:
         if first_missing is not None:
             shutil.rmtree(first_missing, ignore_errors=True)
@@ -368,6 +452,7 @@ def export_lora(
     run_profile: Any | None = None,
     scale: float = 1.0,
     dtype_name: str = "fp16",
+    overwrite: bool = False,
 ) -> ExportResult:
     """Read the LoRA, check it fits the base model (``model_cfg``), write ``fmt`` at ``out`` and
     verify it. ``run_profile`` is the training run's resolved profile (None for a loose file):
@@ -380,12 +465,10 @@ def export_lora(
         raise UserError(f"Unknown --dtype '{dtype_name}'.", hint="Choose fp16, bf16 or fp32.")
     dtype = DTYPES[dtype_name]
     if fmt in ("peft", "merged"):
-        check_folder_target(target, PEFT_CONFIG_NAME if fmt == "peft" else "model_index.json")
-    elif target.is_dir():
-        raise UserError(
-            f"'{target}' is a folder; --format {fmt} writes a file there.",
-            hint="Give a .safetensors path for --out.",
-        )
+        marker = PEFT_CONFIG_NAME if fmt == "peft" else "model_index.json"
+        check_folder_target(target, marker, overwrite)
+    else:
+        check_file_target(target, fmt, overwrite)
     unet_config = _unet_config(model_cfg)
     weights = read_lora(lora_file, weightless_unet(unet_config))
     metadata = export_metadata(weights, unet_config, model_cfg, run_profile, fmt)

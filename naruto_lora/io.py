@@ -61,14 +61,83 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_save_safetensors(
+def save_safetensors(
     path: Path | str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> None:
+    """safetensors' ``save_file``, with a write failure as the OSError it is (safetensors reports
+    a full disk as a ``SafetensorError`` whose text holds the errno, and no file name)."""
+    import errno
+    import re
+
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    try:
+        save_file(tensors, str(path), metadata=dict(metadata) if metadata else None)
+    except Exception as exc:
+        match = re.search(r"code: (\d+)", str(exc))
+        if type(exc).__name__ != "SafetensorError" or not match:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code) or errno.errorcode.get(code, ""), str(path)) from exc
+
+
+def torch_save(obj: object, path: Path | str) -> None:
+    """``torch.save`` through a plain file write, so a full disk is an OSError naming the file
+    (torch's own writer reports it as a RuntimeError without the errno)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with open(path, "wb") as fh:
+        fh.write(buffer.getbuffer())
+
+
+def atomic_save_safetensors(
+    path: Path | str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
+        save_safetensors(tmp, tensors, metadata)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder`` (before it is renamed into place: a power
+    cut must not leave a "complete" folder of empty files)."""
+    for path in sorted(Path(folder).rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(Path(folder))
+
+
+def chmod_tree(folder: Path) -> None:
+    """Give a folder built under a temp name (mkdtemp: 0700) and its contents the modes the
+    user's umask gives ordinary folders and files."""
+    mask = _umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_dir():
+            os.chmod(path, 0o777 & ~mask)
+        elif path.is_file():
+            os.chmod(path, 0o666 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temp files and folders (``.NAME.*.tmp``) that atomic writes killed before
+    their rename left in ``folder``; only call this while holding the folder's lock."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.glob(".*.tmp"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager
@@ -79,7 +148,8 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
+        chmod_tree(tmp)  # mkdtemp creates 0700
+        fsync_tree(tmp)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

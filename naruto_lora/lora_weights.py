@@ -227,7 +227,26 @@ def read_lora(path: Path, unet: torch.nn.Module) -> LoraWeights:
         modules = _modules_from_peft(_split_peft_keys(tensors, PEFT_PREFIX, path), config, path)
     weights = LoraWeights(modules=modules, path=path, source_format=fmt, metadata=metadata)
     check_fits(weights, unet)
+    check_finite(weights)
     return weights
+
+
+def check_finite(weights: LoraWeights) -> None:
+    """A LoRA with NaN or inf in it renders black or noise everywhere: refuse it, by module."""
+    bad = [
+        name
+        for name, lora in sorted(weights.modules.items())
+        if not (bool(torch.isfinite(lora.down).all()) and bool(torch.isfinite(lora.up).all()))
+    ]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise UserError(
+            f"'{weights.path}' holds non-finite weights (NaN or inf) in {len(bad)} of "
+            f"{len(weights.modules)} LoRA module(s): {shown}. It would produce black or noise "
+            "images, so it is not used.",
+            hint="The training that wrote it diverged: use an earlier checkpoint "
+            "(OUTPUT/checkpoints/step-N) or train again with a lower learning rate.",
+        )
 
 
 # --------------------------------------------------------------------------- the base UNet

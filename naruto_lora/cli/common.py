@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from naruto_lora.errors import UserError
+from naruto_lora.errors import UserError, as_user_error
 
 
 def _debug_requested(argv: list[str] | None) -> bool:
@@ -32,11 +32,6 @@ def run_guarded(cli: click.Group, argv: list[str] | None = None) -> int:
 
     try:
         result = cli.main(args=argv, prog_name="nlora", standalone_mode=False)
-    except UserError as exc:
-        if _debug_requested(argv):
-            err_console.print_exception()
-        print_user_error(exc)
-        return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.Abort:
@@ -45,6 +40,16 @@ def run_guarded(cli: click.Group, argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
+    except Exception as exc:
+        # A full disk, a read-only folder, an unsafe pickle: faults of the machine or the input
+        # files, not bugs, so a message instead of a traceback. Anything else is re-raised.
+        user_error = as_user_error(exc)
+        if user_error is None:
+            raise
+        if _debug_requested(argv):
+            err_console.print_exception()
+        print_user_error(user_error)
+        return user_error.exit_code
     # With standalone_mode=False click returns ctx.exit()'s code instead of raising.
     return result if isinstance(result, int) else 0
 
@@ -55,11 +60,14 @@ class GuardedCommand(click.Command):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except UserError as exc:
-            if (ctx.find_root().obj or {}).get("debug"):
+        except click.exceptions.Exit:
+            raise
+        except Exception as exc:
+            user_error = as_user_error(exc)
+            if user_error is None or (ctx.find_root().obj or {}).get("debug"):
                 raise
-            print_user_error(exc)
-            ctx.exit(exc.exit_code)
+            print_user_error(user_error)
+            ctx.exit(user_error.exit_code)
 
 
 def profile_options(func: Callable) -> Callable:

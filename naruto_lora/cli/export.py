@@ -77,10 +77,21 @@ def register(cli: click.Group) -> None:
         show_default=True,
         help="Precision of the written weights.",
     )
+    @click.option(
+        "--overwrite",
+        is_flag=True,
+        help="Replace what is at --out (a file, or an earlier export folder of this format).",
+    )
     @profile_options
     @click.pass_context
     def export_cmd(
-        ctx: click.Context, fmt: str, out: str, scale: float, dtype_name: str, **kwargs: Any
+        ctx: click.Context,
+        fmt: str,
+        out: str,
+        scale: float,
+        dtype_name: str,
+        overwrite: bool,
+        **kwargs: Any,
     ) -> None:
         """Write the trained LoRA in another format and verify it loads.
 
@@ -102,5 +113,6 @@ def register(cli: click.Group) -> None:
             run_profile=run_profile,
             scale=scale,
             dtype_name=dtype_name,
+            overwrite=overwrite,
         )
         _report(result)

@@ -90,6 +90,18 @@ def register(cli: click.Group) -> None:
         help="Continue exactly from the newest checkpoint of the output folder, or from PATH.",
     )
     @click.option(
+        "--resume-with-changes",
+        is_flag=True,
+        help="With --resume: apply settings that differ from the checkpoint's run (learning "
+        "rate, steps, plugins, ...) from its step on, instead of refusing.",
+    )
+    @click.option(
+        "--overwrite",
+        is_flag=True,
+        help="Replace the naruto-lora run already in the output folder (its LoRA, checkpoints "
+        "and samples).",
+    )
+    @click.option(
         "--no-auto-cache",
         is_flag=True,
         help="Fail if a cache is missing or stale instead of building it first.",
@@ -117,6 +129,8 @@ def register(cli: click.Group) -> None:
     def train_cmd(
         ctx: click.Context,
         resume: str | None,
+        resume_with_changes: bool,
+        overwrite: bool,
         no_auto_cache: bool,
         device: str,
         tensorboard: bool,
@@ -133,8 +147,17 @@ def register(cli: click.Group) -> None:
         from naruto_lora.train import TrainOptions, train
 
         profile_arg = kwargs["profile_name"]
+        if resume_with_changes and not resume:
+            from naruto_lora.errors import UserError
+
+            raise UserError("--resume-with-changes needs --resume (latest or a checkpoint).")
         options = TrainOptions(
-            resume=resume, auto_cache=not no_auto_cache, device=device, tensorboard=tensorboard
+            resume=resume,
+            auto_cache=not no_auto_cache,
+            device=device,
+            tensorboard=tensorboard,
+            overwrite=overwrite,
+            resume_with_changes=resume_with_changes,
         )
         if num_processes != 1:
             ctx.exit(_launch(ctx, num_processes, options, dict(kwargs)))

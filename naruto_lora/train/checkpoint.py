@@ -47,20 +47,81 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoint folders (``step-N``, renamed into place complete), oldest first. Whether their
+    files are intact is ``verify_checkpoint``'s question."""
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     found = []
     for path in root.iterdir():
         match = _STEP_DIR.match(path.name)
-        if match and (path / STATE_NAME).is_file():
+        if match and path.is_dir():
             found.append((int(match.group(1)), path))
     return sorted(found)
 
 
+def verify_checkpoint(path: Path) -> str | None:
+    """None when every file of the checkpoint reads back whole; else what is wrong with it.
+
+    Cheap enough to run before every resume: safetensors checks that its header and data cover
+    the file exactly, and ``training_state.pt`` / ``plugins.pt`` are zip archives whose entries
+    carry CRC-32s (``testzip`` reads them all).
+    """
+    import zipfile
+
+    from safetensors import safe_open
+
+    info = _read_info(path)
+    if isinstance(info, str):
+        return info
+    for name in (STATE_NAME, PLUGINS_NAME):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        try:
+            with zipfile.ZipFile(file) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            return f"{name} is damaged ({exc})"
+        if bad is not None:
+            return f"{name} is damaged (entry {bad} fails its checksum)"
+    if not (path / PARAMS_NAME).is_file():
+        return f"{PARAMS_NAME} is missing"
+    for file in sorted(path.rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                list(fh.keys())
+        except Exception as exc:
+            return f"{file.relative_to(path)} is damaged ({str(exc).splitlines()[0]})"
+    return None
+
+
+def read_info(path: Path) -> dict[str, Any]:
+    """trainer.json of a checkpoint ``verify_checkpoint`` passed."""
+    info = _read_info(path)
+    if isinstance(info, str):
+        raise UserError(f"Checkpoint '{path}' is damaged: {info}.", hint="Nothing was changed.")
+    return info
+
+
+def _read_info(path: Path) -> dict[str, Any] | str:
+    """trainer.json as a dict, or what is wrong with it."""
+    try:
+        info = json.loads((path / INFO_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{INFO_NAME} is missing"
+    except (OSError, ValueError) as exc:
+        return f"{INFO_NAME} is damaged ({exc})"
+    if not isinstance(info, dict) or not isinstance(info.get("identity"), dict):
+        return f"{INFO_NAME} is damaged (no run identity in it)"
+    return info
+
+
 def resolve_resume(output_dir: Path, resume: str) -> Path:
-    """``latest`` -> the newest checkpoint of this output folder; otherwise a checkpoint path."""
+    """``latest`` -> the newest intact checkpoint of this output folder (damaged newer ones are
+    named and passed over); otherwise a checkpoint path, which must be intact."""
+    from naruto_lora.console import err_console
+
     if resume == "latest":
         found = list_checkpoints(output_dir)
         if not found:
@@ -68,12 +129,43 @@ def resolve_resume(output_dir: Path, resume: str) -> Path:
                 f"--resume latest: '{output_dir}' has no checkpoints.",
                 hint="Start without --resume, or point --resume at a checkpoint folder.",
             )
-        return found[-1][1]
+        damaged = []
+        for _, path in reversed(found):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                for bad, why in damaged:
+                    err_console.print(
+                        f"[yellow]Checkpoint '{bad}' is damaged ({why}); resuming from the "
+                        f"newest intact one, '{path}'. The damaged one is left as it is.[/]",
+                        soft_wrap=True,
+                    )
+                return path
+            damaged.append((path, problem))
+        raise UserError(
+            f"--resume latest: every checkpoint in '{output_dir / CHECKPOINTS}' is damaged: "
+            + "; ".join(f"{p.name}: {why}" for p, why in damaged)
+            + ".",
+            hint="Nothing was changed. Start over with another --output (or --overwrite).",
+        )
     path = Path(resume).expanduser()
-    if not (path / STATE_NAME).is_file():
+    if not path.is_dir() or not ((path / STATE_NAME).exists() or (path / INFO_NAME).exists()):
         raise UserError(
             f"--resume '{resume}' is not a checkpoint folder (no {STATE_NAME} in it).",
             hint=f"Use --resume latest or a folder like {output_dir}/{CHECKPOINTS}/step-N.",
+        )
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        intact = [
+            p for _, p in list_checkpoints(path.parent.parent) if verify_checkpoint(p) is None
+        ]
+        raise UserError(
+            f"Checkpoint '{path}' is damaged: {problem}.",
+            hint=(
+                f"The newest intact one is '{intact[-1]}'."
+                if intact
+                else "No intact checkpoint is beside it."
+            )
+            + " Nothing was changed.",
         )
     return path
 
@@ -116,6 +208,8 @@ def _info(run: Any) -> dict[str, Any]:
         "profile": run.profile.name,
         "num_processes": run.accelerator.num_processes,
         "identity": run_identity(run.profile.to_dict()),
+        # The whole resolved profile: a resume compares its settings with these.
+        "settings": run.profile.to_dict(),
     }
 
 
@@ -133,21 +227,19 @@ def save_checkpoint(run: Any) -> Path:
 
 
 def _write_checkpoint(run: Any, path: Path, rng_by_rank: list[dict[str, Any]]) -> None:
-    from safetensors.torch import save_file
-
-    from naruto_lora.io import atomic_dir
+    from naruto_lora.io import atomic_dir, save_safetensors, torch_save
 
     step = run.state.global_step
     plugin_state = _plugin_state(run)
     weights = run.pm.hook.nlora_lora_weights_to_save(state=run.state)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path) as tmp:  # files and folder fsynced before the rename
         write_lora_weights(
             tmp, weights, adapter_metadata(run.state.unet), weights_metadata(run.profile, step)
         )
         params = {n: p.detach().cpu().contiguous() for n, p in _trainable(run.state.unet).items()}
-        save_file(params, str(tmp / PARAMS_NAME))
-        torch.save(_training_state(run, rng_by_rank), tmp / STATE_NAME)
-        torch.save(plugin_state, tmp / PLUGINS_NAME)
+        save_safetensors(tmp / PARAMS_NAME, params)
+        torch_save(_training_state(run, rng_by_rank), tmp / STATE_NAME)
+        torch_save(plugin_state, tmp / PLUGINS_NAME)
         (tmp / INFO_NAME).write_text(json.dumps(_info(run), indent=2), encoding="utf-8")
     prune_checkpoints(run.state.output_dir, run.profile.train.checkpoints_keep)
 
@@ -164,7 +256,9 @@ def _trainable(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 def check_checkpoint(path: Path, profile: Any, num_processes: int | None = None) -> None:
     """A checkpoint of this run: same identity (model, data, LoRA shape, batching, seed) and,
     when ``num_processes`` is given, the same number of processes."""
-    info = json.loads((path / INFO_NAME).read_text(encoding="utf-8"))
+    info = _read_info(path)
+    if isinstance(info, str):
+        raise UserError(f"Checkpoint '{path}' is damaged: {info}.", hint="Nothing was changed.")
     differences = identity_differences(info["identity"], run_identity(profile.to_dict()))
     if differences:
         raise UserError(
@@ -201,7 +295,7 @@ def load_checkpoint(run: Any, path: Path) -> None:
     checkpointed run would have taken."""
     check_checkpoint(path, run.profile, num_processes=run.accelerator.num_processes)
     _load_parameters(run, path)
-    saved = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+    saved = safe_torch_load(path / STATE_NAME)
     run.optimizer.load_state_dict(saved["optimizer"])
     run.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     if saved["scaler"] is not None and run.accelerator.scaler is not None:
@@ -213,8 +307,31 @@ def load_checkpoint(run: Any, path: Path) -> None:
     run.guard.load_state_dict(saved["guard"])
     run.smoothed_loss.load_state_dict(saved["smoothed_loss"])
     run.train_s = float(saved["train_s"])
-    plugin_state = torch.load(path / PLUGINS_NAME, map_location="cpu", weights_only=True)
+    plugin_state = safe_torch_load(path / PLUGINS_NAME)
     run.pm.hook.nlora_load_checkpoint_state(state=run.state, saved=plugin_state)
+    if run.resume_changes:  # --resume-with-changes: the new values really apply
+        from naruto_lora.console import console
+        from naruto_lora.train.resume import apply_changes
+
+        apply_changes(run)
+        console.print(
+            "Resuming with changed settings (--resume-with-changes): "
+            + "; ".join(c.describe() for c in run.resume_changes)
+            + "."
+        )
     # Last: nothing after this may draw random numbers before the first resumed step.
     by_rank = saved.get("rng_by_rank") or [saved["rng"]]
     restore_rng(by_rank[run.accelerator.process_index], run.generator)
+
+
+def safe_torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``; a pickle that would run code is a UserError saying so."""
+    from naruto_lora.errors import unsafe_pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        refused = unsafe_pickle(exc, path)
+        if refused is None:
+            raise
+        raise refused from None

@@ -12,6 +12,7 @@ from typing import Any
 from naruto_lora.lora import EMA_SUBFOLDER, adapter_metadata
 from naruto_lora.train.card import RunSummary, write_model_card
 from naruto_lora.train.checkpoint import save_checkpoint
+from naruto_lora.train.guard import check_final_weights, check_ran_to_the_end
 from naruto_lora.train.metrics import LOSS_PLOT_NAME, plot_loss
 from naruto_lora.train.outputs import SAMPLES, weights_metadata, write_lora_weights
 from naruto_lora.train.validation import write_samples
@@ -73,11 +74,14 @@ def _final_samples(run: Any) -> None:
 def finish(run: Any) -> TrainResult:
     """Last grid and checkpoint, ``nlora_train_end``, then the weights the hooks choose, the
     loss curve and the model card."""
+    check_final_weights(_trained_weights(run), run.profile.train.learning_rate)
     _final_samples(run)
     if run.profile.train.checkpoint_every:
         checkpoint_now(run)
+    check_ran_to_the_end(run.state.global_step, run.total_steps, run.guard, run.last_checkpoint)
     run.pm.hook.nlora_train_end(state=run.state)
     weights = run.pm.hook.nlora_lora_weights_to_save(state=run.state)
+    check_final_weights(weights, run.profile.train.learning_rate)
     written: list[Path] = []
     output_dir = run.state.output_dir
     if run.is_main:
@@ -102,6 +106,11 @@ def finish(run: Any) -> TrainResult:
         main_process=run.is_main,
         processes=run.accelerator.num_processes,
     )
+
+
+def _trained_weights(run: Any) -> dict[str, dict[str, Any]]:
+    """The trainable LoRA parameters, as one state dict (checked before anything is written)."""
+    return {"": {n: p for n, p in run.state.unet.named_parameters() if p.requires_grad}}
 
 
 def _summary(run: Any, weights: dict[str, Any]) -> RunSummary:

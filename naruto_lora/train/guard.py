@@ -153,3 +153,50 @@ def explain_out_of_memory(profile: Any) -> Iterator[None]:
         torch.cuda.empty_cache()
         message, hint = oom_advice(profile, peak, total)
         raise UserError(message, hint=hint) from exc
+
+
+# A trained LoRA factor far beyond this has diverged: healthy ones stay around 1e-3..1e1
+# (kaiming/zero init, small learning rates), and ComfyUI or A1111 would render noise or black.
+EXPLODED_ABS = 1e4
+
+
+def weight_problems(weights: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """Tensors of ``{subfolder: state dict}`` that are non-finite or exploded, by name."""
+    problems = []
+    for subfolder, state_dict in weights.items():
+        for name, tensor in state_dict.items():
+            where = f"{subfolder}/{name}" if subfolder else name
+            values = tensor.detach().float()
+            if not bool(torch.isfinite(values).all()):
+                problems.append(f"{where} (not finite)")
+            elif values.numel() and float(values.abs().max()) > EXPLODED_ABS:
+                problems.append(f"{where} (|w| up to {float(values.abs().max()):.1e})")
+    return problems
+
+
+def check_final_weights(weights: dict[str, dict[str, torch.Tensor]], learning_rate: float) -> None:
+    problems = weight_problems(weights)
+    if problems:
+        shown = "; ".join(problems[:6]) + (
+            f"; ... ({len(problems)} in all)" if len(problems) > 6 else ""
+        )
+        raise UserError(
+            f"Training diverged: the LoRA weights are not usable ({shown}). No final weights "
+            "were written.",
+            hint=NONFINITE_ADVICE.format(lr=learning_rate),
+        )
+
+
+def check_ran_to_the_end(
+    steps: int, total_steps: int, guard: NonFiniteGuard, checkpoint: Any
+) -> None:
+    """A run that ran out of data before its last step (updates were skipped) is no success."""
+    if steps >= total_steps:
+        return
+    kept = f" The last checkpoint is '{checkpoint}'." if checkpoint else ""
+    raise UserError(
+        f"Training ended after {steps} of {total_steps} steps: the data ran out (train.epochs) "
+        f"because {guard.total} update(s) were skipped for non-finite losses or gradients. No "
+        f"final weights were written.{kept}",
+        hint=NONFINITE_ADVICE.format(lr=guard.learning_rate),
+    )

@@ -28,6 +28,7 @@ from naruto_lora.train.display import TrainDisplay
 from naruto_lora.train.distributed import agree_on_stop, agree_on_update
 from naruto_lora.train.finish import TrainResult, finish, interrupted
 from naruto_lora.train.guard import StopRequest, explain_out_of_memory, stop_on_signals
+from naruto_lora.train.lock import output_lock_for
 from naruto_lora.train.objective import (
     combine_loss_weights,
     per_sample_mse,
@@ -77,7 +78,7 @@ def train(profile: Profile, options: TrainOptions | None = None, pm: Any = None)
     """Train the profile's LoRA; return when done, or when a signal asked to stop (after writing
     a checkpoint). ``pm`` replaces the profile's plugin manager (tests add tracing plugins)."""
     options = options or TrainOptions()
-    with explain_out_of_memory(profile):
+    with explain_out_of_memory(profile), output_lock_for(profile):
         run = setup_run(profile, options, pm)
         start(run)
         with stop_on_signals(announce=run.is_main) as stop:

@@ -4,11 +4,13 @@ Rule (checked before anything loads): a run may write into an output folder that
 
 * does not exist or is empty (hidden files aside), or
 * holds a run with the same *identity* (same model, VAE, data, LoRA shape, batch size,
-  accumulation and seed), and either ``--resume`` is given or that run finished (its final
-  weights are there; they are replaced).
+  accumulation and seed) and ``--resume`` is given, or
+* holds a run that never wrote a checkpoint nor its final weights (a run that failed early), or
+* holds a naruto-lora run and ``--overwrite`` is given: that run's files are replaced.
 
-Anything else is a ``UserError``: a folder of unrelated files, a run of another model or profile,
-or an unfinished run of this profile without ``--resume`` (its checkpoints would be lost).
+Anything else is a ``UserError``: a folder of unrelated files (even with ``--overwrite``: they
+are not ours to delete), a run of another model or profile, a finished run (its LoRA would be
+replaced) or an unfinished run with checkpoints without ``--resume``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from naruto_lora.errors import UserError
-from naruto_lora.lora import WEIGHT_NAME
+from naruto_lora.lora import EMA_SUBFOLDER, WEIGHT_NAME
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -56,46 +58,88 @@ def _visible_entries(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if not p.name.startswith(".")]
 
 
-def check_output_folder(output_dir: Path, profile: Any, resume: str | None) -> bool:
-    """Apply the module's rule; True when a fresh start replaces an earlier run of the same
-    identity (its step-wise files are then cleared)."""
+def read_saved_profile(output_dir: Path) -> dict[str, Any]:
+    """The folder's profile.toml as a table; a damaged one is a UserError that says the
+    checkpoints are intact (deleting the folder would lose them)."""
+    path = output_dir / PROFILE_NAME
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        kept = CHECKPOINTS if (output_dir / CHECKPOINTS).is_dir() else "its other files"
+        raise UserError(
+            f"'{path}' is damaged ({exc}); it records the run this output folder holds, so "
+            "naruto-lora cannot tell whether this run may continue there.",
+            hint=f"Do not delete the folder: {kept} and the weights are not affected. Restore "
+            f"{PROFILE_NAME} (each checkpoint's trainer.json holds the run's profile under "
+            '"settings"), or train into another --output.',
+        ) from None
+
+
+def check_output_folder(
+    output_dir: Path, profile: Any, resume: str | None, overwrite: bool = False
+) -> bool:
+    """Apply the module's rule; True when this run starts over a run that was there (its
+    step-wise files and final outputs are then cleared by ``clear_previous_run``)."""
+    if resume is not None and overwrite:
+        raise UserError(
+            "--resume continues the run in the output folder and --overwrite replaces it: "
+            "give one of them."
+        )
     if not output_dir.exists():
         return False
     if not output_dir.is_dir():
         raise UserError(f"Output path '{output_dir}' is a file, not a folder.")
     if not _visible_entries(output_dir):
         return False
-    saved_path = output_dir / PROFILE_NAME
-    if not saved_path.is_file():
+    if not (output_dir / PROFILE_NAME).is_file():
         raise UserError(
             f"Output folder '{output_dir}' holds files but no {PROFILE_NAME}: it is not a "
             "naruto-lora training output.",
-            hint="Choose another --output (or train.output_dir), or empty that folder.",
+            hint="Choose another --output (or train.output_dir), or empty that folder "
+            "(--overwrite only replaces naruto-lora runs).",
         )
-    saved = tomllib.loads(saved_path.read_text(encoding="utf-8"))
+    if overwrite:
+        return True
+    saved = read_saved_profile(output_dir)
     differences = identity_differences(run_identity(saved), run_identity(profile.to_dict()))
     if differences:
         raise UserError(
             f"Output folder '{output_dir}' holds another run (profile '{saved.get('name')}'), "
             f"which differs in: {'; '.join(differences)}.",
-            hint="Choose another --output for this run, or delete that folder.",
+            hint="Choose another --output for this run, or give --overwrite to replace that run.",
         )
-    finished = (output_dir / WEIGHT_NAME).is_file()
-    if resume is None and not finished and (output_dir / CHECKPOINTS).is_dir():
+    if resume is not None:
+        return False
+    if (output_dir / WEIGHT_NAME).is_file():
+        raise UserError(
+            f"Output folder '{output_dir}' holds a finished run of this profile; training there "
+            f"would replace its LoRA ({WEIGHT_NAME}) and checkpoints.",
+            hint="Continue it with --resume latest (e.g. with a higher train.max_steps and "
+            "--resume-with-changes), choose a new --output, or give --overwrite to replace it.",
+        )
+    if (output_dir / CHECKPOINTS).is_dir() and any((output_dir / CHECKPOINTS).iterdir()):
         raise UserError(
             f"Output folder '{output_dir}' holds an unfinished run of this profile with "
             "checkpoints.",
-            hint="Continue it with --resume latest, or choose another --output (or delete the "
-            "folder) to start over.",
+            hint="Continue it with --resume latest, choose another --output, or give "
+            "--overwrite to start over (its checkpoints are deleted).",
         )
-    return resume is None
+    return True
+
+
+# What a run leaves in its output folder, removed when a new run starts over there.
+RUN_OUTPUTS = (CHECKPOINTS, SAMPLES, WEIGHT_NAME, EMA_SUBFOLDER, "loss.png", "README.md", "logs")
 
 
 def clear_previous_run(output_dir: Path) -> None:
-    """Starting over in a folder with a finished run of the same profile: drop its step-wise
-    files, so its checkpoints and samples cannot be mistaken for this run's."""
-    for name in (CHECKPOINTS, SAMPLES):
-        shutil.rmtree(output_dir / name, ignore_errors=True)
+    """Starting over in a folder of an earlier run: drop its outputs, so its checkpoints,
+    samples and weights cannot be mistaken for this run's (files we did not write stay)."""
+    for name in RUN_OUTPUTS:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def weights_metadata(profile: Any, steps: int) -> dict[str, str]:

@@ -22,6 +22,8 @@ class TrainOptions:
     auto_cache: bool = True  # build missing/stale caches first (False: that is an error)
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     tensorboard: bool = False
+    overwrite: bool = False  # replace the run in the output folder
+    resume_with_changes: bool = False  # resume although settings differ from the checkpoint's
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Run:
     last_checkpoint: Path | None = None
     starting_over: bool = False  # a finished run of the same profile is being replaced
     resume_from: Path | None = None
+    resume_changes: list[Any] = field(default_factory=list)  # settings changed on resume
 
     @property
     def is_main(self) -> bool:

@@ -103,18 +103,27 @@ def make_accelerator(profile: Profile, device: torch.device, options: TrainOptio
 
 def check_inputs(
     profile: Profile, options: TrainOptions, num_processes: int = 1
-) -> tuple[Path, bool, Path | None]:
+) -> tuple[Path, bool, Path | None, list[Any]]:
     """The output folder rule and the checkpoint to resume from, checked before anything loads:
-    (output folder, whether a finished earlier run is started over, checkpoint or None)."""
-    from naruto_lora.train.checkpoint import check_checkpoint, resolve_resume
+    (output folder, whether an earlier run is started over, checkpoint or None, the settings
+    changed on resume)."""
+    from naruto_lora.train.checkpoint import check_checkpoint, read_info, resolve_resume
+    from naruto_lora.train.resume import check_resume_settings
 
     output_dir = Path(profile.train.output_dir).expanduser()
-    starting_over = check_output_folder(output_dir, profile, options.resume)
-    resume_from = None
+    starting_over = check_output_folder(output_dir, profile, options.resume, options.overwrite)
+    resume_from, changes = None, []
     if options.resume:
         resume_from = resolve_resume(output_dir, options.resume)
         check_checkpoint(resume_from, profile, num_processes=num_processes)
-    return output_dir, starting_over, resume_from
+        changes = check_resume_settings(
+            resume_from,
+            read_info(resume_from),
+            profile,
+            output_dir,
+            allow=options.resume_with_changes,
+        )
+    return output_dir, starting_over, resume_from, changes
 
 
 def fetch_builtin_assets(profile: Profile) -> None:
@@ -130,12 +139,19 @@ def fetch_builtin_assets(profile: Profile) -> None:
 
 
 def claim_output_folder(output_dir: Path, profile: Profile, starting_over: bool) -> None:
-    """Once setup has succeeded: clear an earlier run being started over, write profile.toml."""
-    if starting_over:
-        console.print(f"Starting over in [bold]{output_dir}[/] (it held a run of this profile).")
+    """Once setup has succeeded: clear an earlier run being started over, remove the temp files
+    of writes a kill interrupted (the folder's lock is held: none is in progress), write
+    profile.toml."""
+    from naruto_lora.io import remove_stale_temps
+    from naruto_lora.train.outputs import CHECKPOINTS
+
+    if starting_over and (output_dir / PROFILE_NAME).is_file():
+        console.print(f"Starting over in [bold]{output_dir}[/] (its earlier run is replaced).")
         clear_previous_run(output_dir)
         MetricsLog(output_dir).reset()
     output_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (output_dir, output_dir / CHECKPOINTS):
+        remove_stale_temps(folder)
     write_resolved(profile, output_dir / PROFILE_NAME)
 
 
@@ -144,9 +160,14 @@ def load_trainable_unet(profile: Profile, pm: Any, weight_dtype: torch.dtype) ->
 
     The seed is set first: peft draws the LoRA's initial weights from the global generator.
     """
+    return make_trainable(load_unet(profile.model, weight_dtype), profile, pm)
+
+
+def make_trainable(unet: Any, profile: Profile, pm: Any) -> tuple[Any, list[torch.nn.Parameter]]:
+    """The LoRA injected into a loaded UNet, the ``nlora_prepare_unet`` hooks, train mode (also
+    for a UNet built elsewhere, e.g. the GPU check's random full-size one)."""
     from accelerate.utils import set_seed
 
-    unet = load_unet(profile.model, weight_dtype)
     set_seed(profile.train.seed)
     params = inject_lora(unet, profile.lora)
     pm.hook.nlora_prepare_unet(unet=unet, profile=profile, training=True)
@@ -263,7 +284,7 @@ def setup_run(profile: Profile, options: TrainOptions, pm: Any = None) -> Run:
     device = resolve_device(options.device)
     accelerator = make_accelerator(profile, device, options)
     device = accelerator.device
-    output_dir, starting_over, resume_from = check_inputs(
+    output_dir, starting_over, resume_from, resume_changes = check_inputs(
         profile, options, accelerator.num_processes
     )
     weight_dtype = DTYPES[accelerator.mixed_precision]
@@ -332,6 +353,7 @@ def setup_run(profile: Profile, options: TrainOptions, pm: Any = None) -> Run:
         validation=validation,
         starting_over=starting_over,
         resume_from=resume_from,
+        resume_changes=resume_changes,
     )
 
 
