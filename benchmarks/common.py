@@ -217,3 +217,44 @@ def _random_pipeline() -> Any:
         scheduler=EulerDiscreteScheduler.from_config(configs["scheduler"]),
         add_watermarker=False,
     )
+
+
+# ------------------------------------------------------------------------------ marginal step
+
+
+def child_cpu_s(cmd: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> float:
+    """Process CPU seconds (user + system) of one command and everything it waited for: on a
+    shared machine the least disturbed measure of work done."""
+    import resource
+    import subprocess
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(
+        cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(
+            f"{' '.join(cmd[:6])} ... failed ({done.returncode}):\n{done.stderr[-3000:]}"
+        )
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def marginal_steps(
+    commands: dict[str, Any], short: int, long: int, repeat: int
+) -> dict[str, dict[str, Any]]:
+    """For each named command (a function of the step count returning its CPU seconds): the
+    marginal seconds per step, (T(long) - T(short)) / (long - short), which cancels start-up,
+    model loading and writing; runs interleaved (A short, A long, B short, B long, then again),
+    so load from other jobs hits all alike; the least of ``repeat`` runs is reported."""
+    runs: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(repeat):
+        for name, run in commands.items():
+            t_short, t_long = run(short), run(long)
+            runs[name].append((t_long - t_short) / (long - short))
+            print(
+                f"  {name}: T({short})={t_short:.2f} s, T({long})={t_long:.2f} s, "
+                f"marginal {runs[name][-1]:.4f} s/step",
+                flush=True,
+            )
+    return {name: {"step_s": min(values), "runs": values} for name, values in runs.items()}

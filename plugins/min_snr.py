@@ -15,6 +15,7 @@ v-prediction snippet disagree with the paper; this follows the paper.)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -60,12 +61,26 @@ class MinSNR(Plugin):
     Config = MinSNRConfig
     description = "Min-SNR-gamma loss weighting (Hang et al. 2023): faster, steadier convergence."
 
+    def __init__(self, config: MinSNRConfig):
+        super().__init__(config)
+        self._table: torch.Tensor | None = None
+        self._table_of: tuple[int, torch.device] | None = None
+
+    def weight_table(self, scheduler: Any, device: torch.device) -> torch.Tensor:
+        """The weight of every training timestep, float32 on the device, made once per schedule
+        (in float64, then rounded once): a step only indexes it, with no host round trip."""
+        key = (id(scheduler.alphas_cumprod), device)
+        if self._table is None or self._table_of != key:
+            alphas_cumprod = scheduler.alphas_cumprod
+            every = torch.arange(len(alphas_cumprod))
+            snr = snr_from_alphas_cumprod(alphas_cumprod, every)
+            weights = min_snr_weights(snr, self.config.gamma, scheduler.config.prediction_type)
+            self._table, self._table_of = weights.to(device, torch.float32), key
+        return self._table
+
     @hookimpl
     def nlora_loss_weights(self, state, timesteps: torch.Tensor) -> torch.Tensor:
-        scheduler = state.noise_scheduler
-        snr = snr_from_alphas_cumprod(scheduler.alphas_cumprod, timesteps)
-        weights = min_snr_weights(snr, self.config.gamma, scheduler.config.prediction_type)
-        return weights.float()
+        return self.weight_table(state.noise_scheduler, timesteps.device)[timesteps]
 
 
 PLUGIN = MinSNR

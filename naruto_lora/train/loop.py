@@ -41,30 +41,33 @@ from naruto_lora.train.setup import claim_output_folder, setup_run
 
 @dataclass
 class Window:
-    """The micro-batches of one optimizer update (this process's share of them)."""
+    """The micro-batches of one optimizer update (this process's share of them).
 
-    losses: list[float] = field(default_factory=list)
+    The losses stay on the device until the update's last micro-batch: reading each one
+    (``float(loss)``) would wait for the device once per micro-batch; ``agree`` reads them all
+    in one transfer. A non-finite micro-batch is therefore seen at the end of its window: its
+    gradients are computed, then thrown away with the update."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
     items: list[str] = field(default_factory=list)
-    finite: bool = True
+    finite: bool = True  # as far as known: set by ``agree``
     loss: float = float("nan")  # the mean over micro-batches and processes, once agreed
     data_wait_s: float = 0.0
     started: float = field(default_factory=time.perf_counter)
 
     def record(self, loss: torch.Tensor, batch: dict[str, Any]) -> None:
-        value = float(loss.detach())
-        self.losses.append(value)
+        self.losses.append(loss.detach())
         captions = batch.get("caption") or [""] * len(batch["index"])
         self.items += [f"#{int(i)} {c!r}" for i, c in zip(batch["index"], captions, strict=True)]
-        self.finite = self.finite and math.isfinite(value)
 
     def agree(self, accelerator: Any) -> None:
         """At the update's last micro-batch, before its ``backward``: the mean loss and whether
         every process's loss was finite. Were one process to skip the backward that all-reduces
         the gradients, the others would wait for it forever."""
-        mean = sum(self.losses) / len(self.losses)
-        self.loss, self.finite, self.items = agree_on_update(
-            accelerator, mean, self.finite, self.items
-        )
+        values = torch.stack(self.losses).tolist()  # the window's one device-to-host read
+        mean = sum(values) / len(values)
+        finite = all(math.isfinite(v) for v in values)
+        self.loss, self.finite, self.items = agree_on_update(accelerator, mean, finite, self.items)
 
 
 @dataclass
@@ -150,15 +153,9 @@ def train_loop(run: Run, stop: StopRequest, display: TrainDisplay) -> str | None
     with contextlib.closing(micro_batches(run)) as batches:
         for position, batch, wait_s in batches:
             window.data_wait_s += wait_s
-            with run.accelerator.accumulate(run.model):
-                loss = compute_loss(run, batch)
-                window.record(loss, batch)
-                if run.accelerator.sync_gradients:
-                    window.agree(run.accelerator)
-                if window.finite:
-                    run.accelerator.backward(loss)
+            ends_window = train_micro_batch(run, window, batch)
             run.position, run.state.epoch = position, position.epoch
-            if not run.accelerator.sync_gradients:
+            if not ends_window:
                 continue
             update = optimizer_update(run, window)
             if update.applied:
@@ -170,6 +167,18 @@ def train_loop(run: Run, stop: StopRequest, display: TrainDisplay) -> str | None
             if stopped_by or run.state.global_step >= run.total_steps:
                 return stopped_by
     return None
+
+
+def train_micro_batch(run: Run, window: Window, batch: dict[str, Any]) -> bool:
+    """Forward, loss and backward of one micro-batch; True when it ends the update's window."""
+    with run.accelerator.accumulate(run.model):
+        loss = compute_loss(run, batch)
+        window.record(loss, batch)
+        if run.accelerator.sync_gradients:
+            window.agree(run.accelerator)
+        if window.finite:
+            run.accelerator.backward(loss)
+    return run.accelerator.sync_gradients
 
 
 def compute_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
