@@ -133,8 +133,15 @@ def plugin_hooks(cls: type) -> list[str]:
     return sorted(names, key=lambda n: order.get(n, len(order)))
 
 
+REQUIRED = "(required)"  # shown for a parameter without a default
+
+
 def plugin_parameters(cls: type) -> list[tuple[str, Any]]:
-    return [
-        (f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
-        for f in dataclasses.fields(cls.Config)
-    ]
+    def default(f: dataclasses.Field) -> Any:
+        if f.default is not dataclasses.MISSING:
+            return f.default
+        if f.default_factory is not dataclasses.MISSING:
+            return f.default_factory()
+        return REQUIRED
+
+    return [(f.name, default(f)) for f in dataclasses.fields(cls.Config)]

@@ -150,7 +150,10 @@ class Profile:
         for section in SECTIONS:
             out[section] = _plain(dataclasses.asdict(getattr(self, section)))
         out["plugins"] = {
-            name: {"enabled": s.enabled, **_plain(dataclasses.asdict(s.config))}
+            name: {
+                "enabled": s.enabled,
+                **(_plain(dataclasses.asdict(s.config)) if s.config is not None else {}),
+            }
             for name, s in sorted(self.plugins.items())
         }
         return out
@@ -200,9 +203,20 @@ def builtin_profile_names() -> list[str]:
 
 def _read_toml(path: Path | Any, label: str) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise UserError(f"Cannot read profile {label}: {exc.strerror or exc}.") from exc
+    try:
+        # utf-8-sig: editors on Windows save a byte-order mark, which TOML itself does not allow.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(
+            f"Profile {label} is not UTF-8 text: byte 0x{data[exc.start]:02x} on line {line} "
+            "cannot be decoded.",
+            hint="Save the file as UTF-8 (TOML files must be UTF-8), e.g. with your editor's "
+            "'save with encoding' or: iconv -f latin1 -t utf-8 OLD > NEW.",
+        ) from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -243,9 +257,14 @@ def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
-    """Merge a profile with its ``extends`` chain (base first); detect cycles."""
+def resolve_raw(
+    name_or_path: str, plugin_classes: Mapping[str, type] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Merge a profile with its ``extends`` chain (base first); detect cycles. With
+    ``plugin_classes`` each file's keys and types are checked on their own first, so an error
+    names the file it is in, not only the profile that extends it."""
     chain: list[dict[str, Any]] = []
+    labels: list[str] = []
     seen: list[str] = []
     current: str | None = name_or_path
     relative_to: Path | None = None
@@ -258,6 +277,12 @@ def resolve_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
         seen.append(key)
         name = name or found_name
         chain.append(raw)
+        labels.append(f"'{path}'" if path else f"'{found_name}' (built in)")
+        if "name" in raw and not isinstance(raw["name"], str):
+            raise UserError(
+                f"name = {raw['name']!r} in profile {labels[-1]} must be a string.",
+                hint='Quote it, e.g. name = "my-run".',
+            )
         extends = raw.get("extends")
         if extends is not None and not isinstance(extends, str):
             raise UserError(
@@ -265,6 +290,9 @@ def resolve_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
             )
         current = extends
         relative_to = path.parent if path else None
+    if plugin_classes is not None:
+        for i, (raw, label) in enumerate(zip(chain, labels, strict=True)):
+            _check_file(raw, label, labels[i - 1] if i else None, plugin_classes)
     merged: dict[str, Any] = {}
     for raw in reversed(chain):
         merged = _deep_merge(merged, raw)
@@ -272,6 +300,49 @@ def resolve_raw(name_or_path: str) -> tuple[str, dict[str, Any]]:
     # A profile's own description wins; a parent's description does not describe the child.
     merged["description"] = chain[0].get("description", merged.get("description", ""))
     return name, merged
+
+
+def _check_file(
+    raw: Mapping[str, Any], label: str, extended_by: str | None, plugin_classes: Mapping[str, type]
+) -> None:
+    """One file of an ``extends`` chain on its own: known keys of the right types."""
+    try:
+        unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
+        if unknown:
+            raise UserError(
+                f"Unknown top-level key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}.",
+                hint=f"Valid top-level keys: {', '.join(TOP_LEVEL_KEYS)}.",
+            )
+        for key, cls in SECTIONS.items():
+            if key in raw:
+                build_dataclass(cls, raw[key], key, construct=False)
+        for plugin_name, table in _plugin_tables(raw.get("plugins", {}), plugin_classes).items():
+            table = dict(table)
+            table.pop("enabled", None)
+            config_cls = plugin_classes[plugin_name].Config
+            build_dataclass(config_cls, table, f"plugins.{plugin_name}", construct=False)
+    except UserError as exc:
+        via = f", which {extended_by} extends" if extended_by else ""
+        raise UserError(f"In profile {label}{via}: {exc.args[0]}", hint=exc.hint) from None
+
+
+def _plugin_tables(tables: Any, plugin_classes: Mapping[str, type]) -> Mapping[str, Any]:
+    """The ``[plugins]`` table checked: known plugin names, each a table."""
+    if not isinstance(tables, Mapping):
+        raise UserError("[plugins] must be a table of [plugins.NAME] tables.")
+    for plugin_name, table in tables.items():
+        if plugin_name not in plugin_classes:
+            raise UserError(
+                f"Unknown plugin '{plugin_name}' in [plugins.{plugin_name}].",
+                hint=f"Installed plugins: {', '.join(sorted(plugin_classes))}.",
+            )
+        if not isinstance(table, Mapping):
+            raise UserError(
+                f"plugins.{plugin_name} = {table!r} must be a table of the plugin's settings.",
+                hint=f"Write [plugins.{plugin_name}] then enabled = true (and its parameters), "
+                f"or use --enable {plugin_name} / --set plugins.{plugin_name}.enabled=true.",
+            )
+    return tables
 
 
 # --------------------------------------------------------------------------- overrides
@@ -350,8 +421,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported config field type {tp!r} at {where}")  # a bug in a dataclass
 
 
-def build_dataclass(cls: type, table: Any, where: str) -> Any:
-    """Fill a frozen dataclass from a TOML table; unknown keys and wrong types are user errors."""
+def build_dataclass(cls: type, table: Any, where: str, construct: bool = True) -> Any:
+    """Fill a frozen dataclass from a TOML table; unknown keys and wrong types are user errors.
+    ``construct=False`` only checks the table (a part of a profile may lack required keys)."""
     if not isinstance(table, Mapping):
         raise UserError(f"[{where}] must be a table, got {table!r}.")
     hints = typing.get_type_hints(cls)
@@ -363,7 +435,31 @@ def build_dataclass(cls: type, table: Any, where: str) -> Any:
             hint=f"Valid keys in [{where}]: {', '.join(sorted(fields))}.",
         )
     values = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in table.items()}
+    if not construct:
+        return None
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if required:
+        raise UserError(
+            f"[{where}] needs {', '.join(f'{where}.{k}' for k in required)}: "
+            f"{'they have' if len(required) > 1 else 'it has'} no default.",
+            hint=f"Set {'them' if len(required) > 1 else 'it'} in the [{where}] table of the "
+            f"profile, or with --set {where}.{required[0]}=VALUE.",
+        )
     return cls(**values)
+
+
+def _required_fields(cls: type) -> list[str]:
+    return [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
 
 
 # Value rules that types cannot express: (dotted key, test, what the value must be).
@@ -419,21 +515,18 @@ def validate(
         raise UserError(f"description = {description!r} must be a string.")
     sections = {key: build_dataclass(cls, raw.get(key, {}), key) for key, cls in SECTIONS.items()}
 
-    plugin_tables = raw.get("plugins", {})
-    if not isinstance(plugin_tables, Mapping):
-        raise UserError("[plugins] must be a table of [plugins.NAME] tables.")
-    for plugin_name in plugin_tables:
-        if plugin_name not in plugin_classes:
-            raise UserError(
-                f"Unknown plugin '{plugin_name}' in [plugins.{plugin_name}].",
-                hint=f"Installed plugins: {', '.join(sorted(plugin_classes))}.",
-            )
+    plugin_tables = _plugin_tables(raw.get("plugins", {}), plugin_classes)
     plugins: dict[str, PluginSettings] = {}
     for plugin_name, cls in sorted(plugin_classes.items()):
         table = dict(plugin_tables.get(plugin_name, {}))
         enabled = table.pop("enabled", False)
         if not isinstance(enabled, bool):
             raise UserError(f"plugins.{plugin_name}.enabled = {enabled!r} must be true or false.")
+        if not enabled and not table and _required_fields(cls.Config):
+            # A plugin whose parameters have no default, off and not configured: nothing to
+            # build, and no reason to fail a profile that does not use it.
+            plugins[plugin_name] = PluginSettings(enabled=False, config=None)
+            continue
         config = build_dataclass(cls.Config, table, f"plugins.{plugin_name}")
         validate_config = getattr(config, "validate", None)
         if callable(validate_config):
@@ -462,7 +555,7 @@ def load_profile(
 
     if plugin_classes is None:
         plugin_classes = discover_plugins()
-    name, raw = resolve_raw(name_or_path)
+    name, raw = resolve_raw(name_or_path, plugin_classes)
     raw.pop("name", None)
     for assignment in overrides:
         path, value = parse_set(assignment)

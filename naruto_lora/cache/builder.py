@@ -202,12 +202,15 @@ def _repack(folder: Path, index: Index, buffer: _ShardBuffer, live: set[str]) ->
 
 def _remove_orphans(folder: Path, index: Index) -> None:
     """Shards a killed run wrote but never named in the index, and temp files of writes that
-    were killed before their rename (we hold the build lock, so none is in progress)."""
+    were killed before their rename (we hold the build lock, so none is in progress). Only
+    files with the names our writers give: anything else in the folder is not ours to delete."""
+    ours = manifest.shard_pattern(index.kind)
     for path in (folder / manifest.SHARDS).iterdir():
-        if path.name not in index.shards:
+        if path.name not in index.shards and ours.match(path.name) and path.is_file():
             path.unlink(missing_ok=True)
-    for path in folder.glob(".*.tmp"):
-        path.unlink(missing_ok=True)
+    for name in (manifest.INDEX, manifest.SKIPPED, manifest.MARKER):
+        for path in folder.glob(f".{name}.*.tmp"):
+            path.unlink(missing_ok=True)
 
 
 def sync_cache(
@@ -230,8 +233,11 @@ def sync_cache(
     started = time.perf_counter()
     report = BuildReport(kind=kind, folder=folder, planned=len(planned))
     # A check (auto=False) of a cache that does not exist must not create its folder.
+    manifest.check_ours(folder, kind)  # before the lock file is created in it
     lock = manifest.build_lock(folder) if auto or folder.is_dir() else contextlib.nullcontext()
     with lock:
+        if manifest.check_ours(folder, kind) and auto:
+            manifest.mark_ours(folder, kind)
         state = assess(folder, kind, planned)
         report.corrupt, report.reused = state.corrupt, len(state.valid)
         failures = {

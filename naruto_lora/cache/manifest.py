@@ -1,9 +1,12 @@
 """The cache index (manifest), item fingerprints, model identities and the build lock.
 
 A cache folder holds ``index.json`` (written atomically), ``shards/*.safetensors`` and
-``skipped.jsonl``. The index is the single source of truth: a shard not named in it is an
-orphan from a killed run and is removed; an entry is reused only when its fingerprint (a hash
-of everything that determines its tensors) equals the one the current profile computes.
+``skipped.jsonl``, and the marker ``.nlora-cache`` that says the folder is ours. The index is the
+single source of truth: a shard with our naming not named in it is an orphan from a killed run
+and is removed; an entry is reused only when its fingerprint (a hash of everything that
+determines its tensors) equals the one the current profile computes. A folder without the marker
+that holds anything but an index of ours is not adopted, and files we did not name are never
+deleted.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +31,7 @@ INDEX = "index.json"
 SHARDS = "shards"
 SKIPPED = "skipped.jsonl"
 LOCK = ".lock"
+MARKER = ".nlora-cache"
 
 
 def fingerprint(fields: dict[str, Any]) -> str:
@@ -117,6 +122,37 @@ def read_index(folder: Path, kind: str | None = None) -> Index | None:
 def write_index(folder: Path, index: Index) -> None:
     index.updated = time.time()
     atomic_write_text(folder / INDEX, index.to_json())
+
+
+def shard_pattern(kind: str) -> re.Pattern[str]:
+    """Names our builder gives shards (``KIND-HEX.safetensors``) and their temp files."""
+    return re.compile(rf"^(\.)?{re.escape(kind)}-[0-9a-f]+\.safetensors(\.[A-Za-z0-9_]+\.tmp)?$")
+
+
+def check_ours(folder: Path, kind: str) -> bool:
+    """Whether ``folder`` may be used as the ``kind`` cache: it is missing or empty, carries our
+    marker, or (a cache from before the marker) holds a readable index of ours. A UserError
+    otherwise: its files are not ours to overwrite or delete. True when the marker is missing."""
+    if not folder.exists():
+        return True
+    if not folder.is_dir():
+        raise UserError(f"The {kind} cache path '{folder}' is a file, not a folder.")
+    if (folder / MARKER).is_file():
+        return False
+    entries = [p.name for p in folder.iterdir() if p.name not in (LOCK, MARKER)]
+    if not entries or read_index(folder, kind) is not None:
+        return True
+    shown = ", ".join(sorted(entries)[:5]) + (" ..." if len(entries) > 5 else "")
+    raise UserError(
+        f"'{folder}' holds files that are not a naruto-lora {kind} cache ({shown}); using it as "
+        "one could overwrite or delete them, so it is left alone.",
+        hint="Choose another --cache-dir (or cache.dir): the cache goes in its "
+        f"'{folder.name}/' subfolder.",
+    )
+
+
+def mark_ours(folder: Path, kind: str) -> None:
+    atomic_write_text(folder / MARKER, json.dumps({"format": FORMAT, "kind": kind}) + "\n")
 
 
 def write_skipped(folder: Path, lines: list[str]) -> None:

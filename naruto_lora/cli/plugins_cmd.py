@@ -45,7 +45,8 @@ def register(cli: click.Group) -> None:
                     "hooks": plugin_hooks(cls),
                     "parameters": {k: v for k, v in plugin_parameters(cls)},
                     "profile_values": {
-                        k: getattr(settings.config, k) for k, _ in plugin_parameters(cls)
+                        k: getattr(settings.config, k, default)
+                        for k, default in plugin_parameters(cls)
                     },
                     "description": getattr(cls, "description", ""),
                 }
@@ -55,14 +56,15 @@ def register(cli: click.Group) -> None:
                 json.dumps({"profile": profile.name, "plugins": rows}, indent=2, default=str)
             )
             return
-        table = Table(
-            "plugin",
-            f"in {profile.name}",
-            "hooks",
-            "parameters (default -> profile)",
-            "module",
-            title="nlora plugins",
-        )
+        table = Table(title="nlora plugins")
+        # Names and values are what users type: never cut them to fit the width (a pipe or
+        # a file gets 80 columns); long cells wrap instead.
+        longest = max((len(r["name"]) for r in rows), default=6)
+        table.add_column("plugin", no_wrap=True, min_width=longest)
+        table.add_column(f"in {profile.name}", no_wrap=True)
+        table.add_column("hooks", overflow="fold")
+        table.add_column("parameters (default -> profile)", overflow="fold")
+        table.add_column("module", overflow="fold")
         for row in rows:
             params = (
                 ", ".join(

@@ -13,24 +13,50 @@ def register(cli: click.Group) -> None:
         """List the built-in profiles or show one fully resolved."""
 
     @profiles.command("list", cls=GuardedCommand)
-    def list_cmd() -> None:
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    def list_cmd(as_json: bool) -> None:
         """List the built-in profiles with their descriptions."""
+        import json
+
         from rich.table import Table
 
         from naruto_lora.console import console
         from naruto_lora.profile import builtin_profile_names, load_profile
 
-        table = Table("profile", "resolution", "rank", "accum", "text", "plugins", "description")
+        rows = []
         for name in builtin_profile_names():
             p = load_profile(name)
+            rows.append(
+                {
+                    "profile": name,
+                    "resolution": p.data.resolution,
+                    "rank": p.lora.rank,
+                    "accumulation": p.train.gradient_accumulation_steps,
+                    "text": p.cache.text,
+                    "plugins": p.enabled_plugins(),
+                    "description": p.description,
+                }
+            )
+        if as_json:
+            click.echo(json.dumps({"profiles": rows}, indent=2))
+            return
+        table = Table()
+        # Names are what users type: never cut (a pipe or a file gets 80 columns).
+        longest = max((len(r["profile"]) for r in rows), default=7)
+        table.add_column("profile", no_wrap=True, min_width=longest)
+        for column in ("resolution", "rank", "accum", "text"):
+            table.add_column(column, no_wrap=True)
+        table.add_column("plugins", overflow="fold")
+        table.add_column("description", overflow="fold")
+        for row in rows:
             table.add_row(
-                name,
-                str(p.data.resolution),
-                str(p.lora.rank),
-                str(p.train.gradient_accumulation_steps),
-                p.cache.text,
-                ", ".join(p.enabled_plugins()) or "-",
-                p.description,
+                row["profile"],
+                str(row["resolution"]),
+                str(row["rank"]),
+                str(row["accumulation"]),
+                row["text"],
+                ", ".join(row["plugins"]) or "-",
+                row["description"],
             )
         console.print(table)
 
