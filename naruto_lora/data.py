@@ -117,6 +117,27 @@ def _caption_text(value: Any) -> str | None:
     return None
 
 
+def read_text_file(path: Path, not_utf8: list[str], label: str) -> str:
+    """A text file as UTF-8 (a byte-order mark allowed); a file that is not UTF-8 is read as
+    Latin-1 (every byte is a character there, and it is what older Windows tools write) and
+    its ``label`` is added to ``not_utf8`` for a warning, instead of silently turning letters
+    into U+FFFD."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        not_utf8.append(label)
+        return data.decode("latin-1")
+
+
+def _not_utf8_warning(labels: list[str]) -> str:
+    shown = ", ".join(labels[:5]) + (f" (and {len(labels) - 5} more)" if len(labels) > 5 else "")
+    return (
+        f"{len(labels)} caption file(s) are not UTF-8 and were read as Latin-1: {shown}. "
+        "Check their accented letters, and save them as UTF-8 to be sure."
+    )
+
+
 def _safe_member(root: Path, name: str) -> Path | None:
     """``root/name`` if ``name`` stays inside ``root`` lexically, else None.
 
@@ -153,7 +174,10 @@ def _scan_metadata_folder(root: Path, metadata: Path, caption_column: str) -> Da
     seen: dict[str, int] = {}
     no_caption: list[str] = []
     caption_found = False
-    lines = metadata.read_text(encoding="utf-8-sig", errors="replace").splitlines()
+    not_utf8: list[str] = []
+    lines = read_text_file(metadata, not_utf8, metadata.name).splitlines()
+    if not_utf8:
+        scan.warnings.append(_not_utf8_warning(not_utf8))
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -199,6 +223,7 @@ def _scan_metadata_folder(root: Path, metadata: Path, caption_column: str) -> Da
 def _scan_text_caption_folder(root: Path) -> DataScan:
     scan = DataScan(description=f"folder '{root}' (images with .txt captions)")
     no_caption: list[str] = []
+    not_utf8: list[str] = []
     images = sorted(
         p
         for p in root.rglob("*")
@@ -214,12 +239,15 @@ def _scan_text_caption_folder(root: Path) -> DataScan:
         caption_file = path.with_suffix(".txt")
         caption = ""
         if caption_file.is_file():
-            caption = caption_file.read_text(encoding="utf-8-sig", errors="replace").strip()
+            label = caption_file.relative_to(root).as_posix()
+            caption = read_text_file(caption_file, not_utf8, label).strip()
         if not caption:
             no_caption.append(key)
         scan.items.append(SourceItem(key, key, caption, FileBlob(path)))
     if no_caption:
         scan.warnings.append(_missing_caption_warning(no_caption))
+    if not_utf8:
+        scan.warnings.append(_not_utf8_warning(not_utf8))
     return scan
 
 
@@ -310,16 +338,46 @@ def _scan_any(data_cfg: Any) -> DataScan:
                 f"The data folder '{source}' is empty.",
                 hint="Put images in it (with .txt captions or a metadata.jsonl).",
             )
+        if not saved and not has_images and not _has_data_files(files):
+            kinds = sorted({p.suffix.lower() or p.name for p in files})
+            raise UserError(
+                f"The data folder '{source}' has no images: it holds {len(files)} file(s) "
+                f"({', '.join(kinds[:6])}).",
+                hint="Put each image beside its caption with the same name (cat.png + cat.txt); "
+                f"images are {', '.join(IMAGE_EXTENSIONS)}.",
+            )
         return _scan_hf(
             source, data_cfg.split, data_cfg.image_column, data_cfg.caption_column, True
         )
     if path.exists():
         raise UserError(f"data.source '{source}' is a file; give a folder or a data set id.")
-    if source.startswith((".", "/", "~")):
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source:
+        # Not a hub id (those are NAME or OWNER/NAME): a local folder that is not there.
         raise UserError(
-            f"Data folder '{source}' does not exist.", hint="Check data.source / --data."
+            f"Data folder '{source}' does not exist (looked for '{path.absolute()}').",
+            hint="Check data.source / --data; a relative path is taken from the current folder.",
         )
-    return _scan_hf(source, data_cfg.split, data_cfg.image_column, data_cfg.caption_column, False)
+    try:
+        return _scan_hf(
+            source, data_cfg.split, data_cfg.image_column, data_cfg.caption_column, False
+        )
+    except UserError as exc:
+        if not str(exc.args[0]).startswith("Could not load the data set"):
+            raise  # it loaded; the problem is in it (a column, a split)
+        raise UserError(
+            f"Data source '{source}' is not a local folder (there is no '{path.absolute()}') "
+            f"and not a data set on the hub or in its cache. {exc.args[0]}",
+            hint="For a local folder, check the path (relative to the current folder); for a "
+            "hub data set, check the id and the network (or HF_HUB_OFFLINE).",
+        ) from None
+
+
+# What `datasets` reads from a local folder as a table (load_dataset's packaged builders).
+DATA_FILE_EXTENSIONS = (".csv", ".json", ".jsonl", ".parquet", ".arrow", ".tsv")
+
+
+def _has_data_files(files: list[Path]) -> bool:
+    return any(p.suffix.lower() in DATA_FILE_EXTENSIONS for p in files)
 
 
 def scan_source(data_cfg: Any, *, strict: bool = False) -> DataScan:

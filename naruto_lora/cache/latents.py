@@ -247,6 +247,32 @@ def _print_warnings(messages: list[str]) -> None:
         err_console.print(f"[yellow]warning:[/] {escape(message)}")
 
 
+# Beyond this factor an upscaled image is mostly interpolation: the LoRA would learn blur.
+MAX_UPSCALE = 4.0
+
+
+def upscale_warnings(planned_items: list[Any]) -> list[str]:
+    """One warning naming the images much smaller than the training size (a 1x1 px image at
+    64 px is upscaled 64x); they are still used."""
+    small = []
+    for pi in planned_items:
+        plan = pi.plans[0]
+        (h, w), (th, tw) = plan.original_size, plan.target_size
+        factor = max(th / h, tw / w)
+        if factor > MAX_UPSCALE:
+            small.append((factor, f"{pi.item.source} ({w}x{h} px, {factor:.0f}x)"))
+    if not small:
+        return []
+    small.sort(reverse=True)
+    shown = "; ".join(text for _, text in small[:5])
+    more = f" (and {len(small) - 5} more)" if len(small) > 5 else ""
+    return [
+        f"{len(small)} image(s) are upscaled more than {MAX_UPSCALE:g}x to the training size "
+        f"and will look blurred: {shown}{more}. Use larger images, remove them, or lower "
+        "data.resolution."
+    ]
+
+
 def plan_latent_entries(
     profile: Any, strict: bool = False
 ) -> tuple[list[Planned], list[Skipped], dict[str, Any], Any]:
@@ -263,6 +289,7 @@ def plan_latent_entries(
         )
     skipped = scan.skipped + plan_skipped
     check_usable(scan.description, len(planned_items), skipped, strict)
+    _print_warnings(upscale_warnings(planned_items))
     entries = [_planned_entry(pi, plan, common) for pi in planned_items for plan in pi.plans]
     return entries, skipped, common, scan
 
