@@ -126,12 +126,13 @@ def chmod_tree(folder: Path) -> None:
 
 def remove_stale_temps(folder: Path) -> list[Path]:
     """Delete the temp files and folders (``.NAME.*.tmp``) that atomic writes killed before
-    their rename left in ``folder``; only call this while holding the folder's lock."""
-    removed = []
+    their rename left in ``folder``, and the replaced folders (``.NAME.old-PID``) a kill left
+    before their removal; only call this while holding the folder's lock."""
+    removed: list[Path] = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
-    for path in folder.glob(".*.tmp"):
+    for path in [*folder.glob(".*.tmp"), *folder.glob(".*.old-[0-9]*")]:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:

@@ -223,3 +223,44 @@ def test_kohya_files_with_conv_and_embedding_keys_load_in_the_lowest_diffusers_a
     with safe_open(str(out), "pt") as fh:
         names = {k.split(".")[0] for k in fh.keys()}  # noqa: SIM118
     assert {"lora_unet_input_blocks_0_0", "lora_unet_out_2"} <= names, sorted(names)[:5]
+
+
+def test_a_full_disk_during_export_keeps_the_file_that_was_there(
+    run, tmp_path, cli_runner, monkeypatch
+):
+    import errno
+
+    import naruto_lora.io as io
+
+    out = tmp_path / "kept.safetensors"
+    assert export(cli_runner, run, out).exit_code == 0
+    before = sha(out)
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(io, "save_safetensors", full)
+    result = export(cli_runner, run, out, "--overwrite")
+    assert_clean_failure(result, "no space left on the disk", "not changed")
+    assert sha(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.safetensors"]  # no temp left
+
+
+def test_sampling_into_a_read_only_folder_is_a_message(run, tmp_path, cli_runner, monkeypatch):
+    import contextlib
+    import errno
+
+    import naruto_lora.io as io
+
+    @contextlib.contextmanager
+    def denied(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        yield
+
+    monkeypatch.setattr(io, "atomic_path", denied)
+    out = tmp_path / "ro" / "one.png"
+    result = invoke(
+        cli_runner,
+        ["sample", "--lora", str(run), "--prompt", "x", "--steps", "2", "--out", str(out)],
+    )
+    assert_clean_failure(result, "permission is denied", "one.png")

@@ -396,3 +396,16 @@ def test_checkpoint_files_get_the_umask_mode(cache_dir: Path, tmp_path: Path) ->
     assert (step / "training_state.pt").stat().st_mode & 0o777 == 0o664
     assert (out / WEIGHT_NAME).stat().st_mode & 0o777 == 0o664
     assert json.loads((step / "trainer.json").read_text())["settings"]["train"]["max_steps"] == 1
+
+
+def test_a_damaged_profile_toml_never_advises_deleting_the_checkpoints(
+    cli_runner, cache_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    stopped_run(cache_dir, out)
+    (out / "profile.toml").write_bytes(b"[train\nmax_steps = \xff")
+    before = digest_tree(out)
+    result = invoke(cli_runner, [*args(cache_dir, out), "--resume", "latest"])
+    assert_clean_failure(result, "profile.toml' is damaged", "Do not delete the folder")
+    assert "delete that folder" not in result.output
+    assert digest_tree(out) == before
