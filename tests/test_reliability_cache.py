@@ -81,3 +81,23 @@ def test_a_full_disk_while_caching_is_a_message(cli_runner, tiny_data_dir, tmp_p
     assert result.exit_code == 2, result.output
     assert "no space left on the disk" in result.output and "GiB free there" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_build_that_will_not_fit_stops_after_the_first_shard(
+    cli_runner, tiny_data_dir, tmp_path, monkeypatch
+):
+    import collections
+    import shutil
+
+    data = copy_subset(tiny_data_dir, tmp_path / "data", 4)
+    args = ["cache", "latents", *common(data, tmp_path / "cache"), "--set", "cache.shard_items=1"]
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 100, 100))
+    result = invoke(cli_runner, args)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "remaining 3 entries" in text and "GiB are free there" in text
+    assert "Traceback" not in result.output
+    monkeypatch.undo()
+    again = invoke(cli_runner, args)
+    assert again.exit_code == 0 and "1 reused, 3 encoded" in " ".join(again.output.split())

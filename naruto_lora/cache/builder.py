@@ -103,9 +103,11 @@ def assess(folder: Path, kind: str, planned: list[Planned], verify: bool = True)
 class _ShardBuffer:
     """Collects encoded entries; every ``shard_items`` of them become one shard + index write."""
 
-    def __init__(self, folder: Path, index: Index, shard_items: int):
+    def __init__(self, folder: Path, index: Index, shard_items: int, to_write: int = 0):
         self.folder, self.index, self.shard_items = folder, index, shard_items
         self.pending: list[tuple[Planned, dict[str, torch.Tensor]]] = []
+        self.to_write = to_write  # entries still to come, for the free-space check
+        self.space_checked = False
 
     def add(self, planned: Planned, tensors: dict[str, torch.Tensor]) -> None:
         self.pending.append((planned, tensors))
@@ -125,6 +127,8 @@ class _ShardBuffer:
         meta = {"kind": self.index.kind, "keys": json.dumps(keys)}
         info = write_shard(self.folder / manifest.SHARDS / name, tensors, meta)
         self.index.shards[name] = {**info, "count": len(self.pending)}
+        self.to_write -= len(self.pending)
+        entry_bytes = int(info["bytes"]) / len(self.pending)
         for slot, (p, _) in enumerate(self.pending):
             self.index.entries[p.key] = Entry(name, slot, p.fingerprint, p.meta)
             self.index.failed.pop(p.key, None)
@@ -133,6 +137,27 @@ class _ShardBuffer:
         manifest.write_index(self.folder, self.index)
         for shard in unused:  # only after the index no longer names them
             (self.folder / manifest.SHARDS / shard).unlink(missing_ok=True)
+        if not self.space_checked:  # the first shard, now kept, tells the size of an entry
+            self.space_checked = True
+            check_free_space(self.folder, entry_bytes, self.to_write)
+
+
+def check_free_space(folder: Path, entry_bytes: float, entries: int) -> None:
+    """Stop a long build early, with nothing lost, when the disk cannot hold the rest of it
+    (estimated from the first shard; 5% spare for the index and file system)."""
+    import shutil
+
+    from naruto_lora.errors import UserError
+
+    needed = entry_bytes * max(entries, 0) * 1.05
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise UserError(
+            f"The {folder.name} cache in '{folder}' needs about {needed / 2**30:.2f} GiB more for "
+            f"its remaining {entries} entries, but only {free / 2**30:.2f} GiB are free there.",
+            hint="Free space, or use --cache-dir on a larger disk. What is cached so far is kept "
+            "and reused on the next run.",
+        )
 
 
 def _drop_unreferenced(index: Index) -> list[str]:
@@ -290,7 +315,7 @@ def _build(
     if state.todo:
         index.state = "partial"  # what a killed run leaves behind says so
     (folder / manifest.SHARDS).mkdir(parents=True, exist_ok=True)
-    buffer = _ShardBuffer(folder, index, shard_items)
+    buffer = _ShardBuffer(folder, index, shard_items, to_write=len(state.todo))
     if state.todo:
         with progress_bar(unit) as bar:
             task = bar.add_task(f"Encoding {index.kind}", total=len(state.todo))
