@@ -262,3 +262,69 @@ def resolve_toy_data(source: str) -> str | None:
     if source == TOY_PLAIN_ID:
         return str(ensure_toy_dataset(styled=False))
     return None
+
+
+def _any_colour(rng: random.Random) -> tuple[int, int, int]:
+    """A strong flat colour half of the time, any colour the other half."""
+    if rng.random() < 0.5:
+        return rng.choice(_STRONG)
+    return tuple(rng.randrange(256) for _ in range(3))
+
+
+def random_drawing(rng: random.Random, size: int = RESOLUTION):
+    """A flat drawing from a broad procedural distribution: what the toy VAE learns to reconstruct.
+
+    A background of any colour (a third of the time a two-colour gradient or stripes: some
+    texture), then 1-3 shapes (disc, ellipse, square, rectangle, triangle) of any colour and size,
+    anywhere, each with an outline of any colour and thickness (or none). The plain and style sets
+    are two narrow corners of this distribution, so the VAE never needs to see either.
+    """
+    from PIL import Image, ImageDraw
+
+    big = size * _SUPERSAMPLE
+    background = _any_colour(rng)
+    image = Image.new("RGB", (big, big), background)
+    pen = ImageDraw.Draw(image)
+    texture = rng.random()
+    if texture < 0.2:  # a vertical or horizontal gradient
+        other = _any_colour(rng)
+        horizontal = rng.random() < 0.5
+        for i in range(0, big, _SUPERSAMPLE):
+            t = i / big
+            colour = tuple(round(a + (b - a) * t) for a, b in zip(background, other, strict=True))
+            box = (i, 0, i + _SUPERSAMPLE, big) if horizontal else (0, i, big, i + _SUPERSAMPLE)
+            pen.rectangle(box, fill=colour)
+    elif texture < 0.33:  # stripes
+        other = _any_colour(rng)
+        period = rng.randrange(8, 24) * _SUPERSAMPLE
+        for i in range(0, big, period):
+            pen.rectangle((i, 0, i + period // 2, big), fill=other)
+    for _ in range(rng.choice((1, 1, 2, 2, 3))):
+        r = rng.uniform(0.08, 0.3) * big
+        cx, cy = rng.uniform(0.1, 0.9) * big, rng.uniform(0.1, 0.9) * big
+        aspect = rng.uniform(0.6, 1.4)
+        fill = _any_colour(rng)
+        ink = {}
+        if rng.random() < 0.7:
+            ink = {
+                "outline": _any_colour(rng),
+                "width": max(1, round(big * rng.uniform(0.01, 0.085))),
+            }
+        box = (cx - r, cy - r * aspect, cx + r, cy + r * aspect)
+        kind = rng.choice(("circle", "square", "triangle"))
+        if kind == "circle":
+            pen.ellipse(box, fill=fill, **ink)
+        elif kind == "square":
+            pen.rectangle(box, fill=fill, **ink)
+        else:
+            pen.polygon([(cx, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill, **ink)
+    return image.resize((size, size), Image.Resampling.BOX)
+
+
+# Random drawings no training run uses: the VAE's held-out gate set (tests/test_toy_vae.py).
+HELD_OUT_DRAWINGS_SEED = 1_000_003
+
+
+def random_drawings(count: int, seed: int = 0, size: int = RESOLUTION) -> list:
+    rng = random.Random(seed)
+    return [random_drawing(rng, size) for _ in range(count)]

@@ -1,24 +1,32 @@
-"""Train the toy base model ``nlora:toy-base`` (naruto_lora/assets/toy-base) on plain scenes.
+"""Train the toy base model ``nlora:toy-base`` (naruto_lora/assets/toy-base).
 
-An SDXL-architecture pipeline at toy scale, trained from scratch on one CPU thread:
+An SDXL-architecture pipeline at toy scale, trained from scratch on a CPU, in stages that can run
+as separate processes (``--stage``), each seeded:
 
-1. two CLIP text encoders (``CLIPTextModel`` + ``CLIPTextModelWithProjection``) with the
-   whole-word BPE tokenizer of ``naruto_lora.tiny``; kept at their seeded random init and frozen
-   (their hidden states still tell the words apart; the UNet learns to read them);
-2. an AutoencoderKL with downscale factor 4 (64 px -> 4 x 16 x 16 latents) trained to reconstruct
-   the plain scenes; its ``scaling_factor`` is set to 1 / std of the latents, as SD's was;
-3. a text-time-conditioned UNet trained with the standard DDPM epsilon objective on cached latents
-   (SDXL's noise schedule: scaled_linear 0.00085..0.012, 1000 steps), 10 % caption dropout (half to
-   zeroed embeddings, what the SDXL pipeline feeds for an empty negative prompt, half to the
-   empty string's) so that classifier-free guidance works, and an EMA of its weights.
+1. ``vae``: an AutoencoderKL with downscale factor 4 (64 px -> 8 x 16 x 16 latents) trained to
+   reconstruct *any* flat drawing: random backgrounds (flat, gradients, stripes), 1-3 shapes of
+   any colour, size and outline (``naruto_lora.toy.random_drawing``), plus the plain scenes and
+   scenes in random looks. The style set is one more corner of that distribution; the VAE never
+   sees it. Writes ``WORK/vae``.
+2. ``unet``: two CLIP text encoders (``CLIPTextModel`` + ``CLIPTextModelWithProjection``) at a
+   seeded random init, frozen (their hidden states still tell the words apart; the UNet learns
+   to read them), and a text-time-conditioned UNet trained with the DDPM epsilon objective
+   (SDXL's noise schedule: scaled_linear 0.00085..0.012, 1000 steps; Min-SNR-5 weights for a
+   faster start) on the VAE's latents of scenes in *many looks*: the plain one and random
+   backgrounds, outline colours and widths that the captions never mention (the caption names
+   shape, colour, size and position only). 10 % caption dropout (half to zeroed embeddings, what
+   the SDXL pipeline feeds for an empty negative prompt, half to the empty string's) makes
+   classifier-free guidance work. The saved UNet is an EMA of its weights. Writes ``--out``.
 
-Seeded; writes progress to stdout and a full pipeline checkpoint every ``--checkpoint-every``
-UNet steps (so a run stopped early still leaves usable weights), then the final model to
-``--out``. Reproduce the committed weights with::
+So the base knows flat drawings in general, as SDXL knows pictures in general, and a style LoRA
+only has to steer it to one look (the style set's orange background and black ink), as a
+Naruto LoRA narrows SDXL to one anime style. The backgrounds the base is shown stay away from
+the style's two colours, so that its own images score low on the style score.
 
-    OMP_NUM_THREADS=1 python scripts/train_base.py --out naruto_lora/assets/toy-base
+Reproduce the committed weights with (about 30 + 60 minutes on two threads)::
 
-(about 55 minutes on one thread of a shared 2-core AMD EPYC: VAE 7, decoder 7, UNet ~40).
+    python scripts/train_base.py --stage vae --threads 2
+    python scripts/train_base.py --stage unet --threads 2 --out naruto_lora/assets/toy-base
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import argparse
 import copy
 import json
 import math
-import shutil
+import random
 import time
 from pathlib import Path
 
@@ -39,6 +47,7 @@ from naruto_lora import toy
 from naruto_lora.tiny import clip_tokenizers, sdxl_euler_scheduler
 
 TIME_EMBED_DIM = 8
+LATENT_CHANNELS = 8
 
 
 def text_encoders(seed: int):
@@ -72,14 +81,14 @@ def text_encoders(seed: int):
     return (tokenizer, tokenizer_2), (text_encoder, text_encoder_2)
 
 
-def build_vae(channels: tuple[int, ...] = (32, 64, 64)):
+def build_vae(channels: tuple[int, ...], latent_channels: int = LATENT_CHANNELS):
     from diffusers import AutoencoderKL
 
     # Three blocks: downscale factor 2 ** (3 - 1) = 4. No mid-block attention: flat shapes need none.
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        latent_channels=4,
+        latent_channels=latent_channels,
         sample_size=toy.RESOLUTION,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
@@ -91,8 +100,8 @@ def build_vae(channels: tuple[int, ...] = (32, 64, 64)):
         force_upcast=False,
     )
     # Start the encoder's log-variance channels at -8, not 0 (quant_conv then mixes them, so the
-    # posterior's std starts small, not exactly 0.02): with unit noise on the latents a short
-    # training run only learns blurry masks and loses the colours.
+    # posterior's std starts small): with unit noise on the latents a short run only learns
+    # blurry masks and loses the colours.
     with torch.no_grad():
         half = vae.config.latent_channels
         vae.encoder.conv_out.weight[half:] *= 0.01
@@ -100,13 +109,13 @@ def build_vae(channels: tuple[int, ...] = (32, 64, 64)):
     return vae
 
 
-def build_unet(cross_attention_dim: int, pooled_dim: int, latent_size: int):
+def build_unet(cross_attention_dim: int, pooled_dim: int, latent_size: int, channels: int):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=latent_size,
-        in_channels=4,
-        out_channels=4,
+        in_channels=channels,
+        out_channels=channels,
         layers_per_block=1,
         block_out_channels=(64, 128),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -128,63 +137,144 @@ def image_tensor(images) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def train_vae(vae, pixels: torch.Tensor, steps: int, batch: int, lr: float, log) -> None:
-    vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(1)
+def uint8_tensor(images) -> torch.Tensor:
+    """PIL images -> (N, 3, H, W) uint8 (a large pool in a quarter of the memory)."""
+    return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae, pixels: torch.Tensor) -> float:
+    """PSNR in dB of encode -> decode on [-1, 1] pixels, measured on the [0, 1] scale."""
+    recon = torch.cat(
+        [
+            vae.decode(vae.encode(pixels[i : i + 64]).latent_dist.mean).sample
+            for i in range(0, len(pixels), 64)
+        ]
+    )
+    mse = ((recon.clamp(-1, 1) - pixels) / 2).pow(2).mean().item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def vae_eval_sets() -> dict[str, torch.Tensor]:
+    """The VAE's gate sets: every styled scene, every plain scene, held-out random drawings."""
+    scenes = toy.all_scenes()
+    return {
+        "style": image_tensor([toy.draw(s, styled=True) for s in scenes]),
+        "plain": image_tensor([toy.draw(s) for s in scenes]),
+        "random": image_tensor(toy.random_drawings(64, seed=toy.HELD_OUT_DRAWINGS_SEED)),
+    }
+
+
+def cosine_lr(base: float, step: int, total: int, warmup: int, floor: float = 0.05) -> float:
+    warm = min(1.0, step / max(1, warmup))
+    return base * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / total)))
+
+
+def train_vae(args, log) -> None:
+    """Reconstruction training on a large pool of random drawings; saves ``WORK/vae`` at every
+    evaluation, so a run stopped early still leaves the last evaluated weights."""
+    from naruto_lora.io import atomic_dir
+
+    torch.manual_seed(args.seed + 1)
+    vae = build_vae(tuple(args.vae_channels)).train()
+    if args.vae_init is not None:  # a later VAE stage: go on from saved weights
+        vae = load_vae(args.vae_init).train().requires_grad_(True)
+    rng_seed = args.seed + 11
+    pool = uint8_tensor(toy.random_drawings(args.vae_pool, seed=rng_seed))
+    plain = uint8_tensor([image for _, image in toy.plain_scenes(4, seed=args.seed)])
+    looks = uint8_tensor(toy.random_look_scenes(len(plain), args.seed))
+    pool = torch.cat([pool, plain, looks])
+    evals = vae_eval_sets()
+    log(f"vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M params; pool {len(pool)}")
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed + 1 + (args.vae_init is not None))
     start = time.time()
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, len(pixels), (batch,), generator=gen)
-        x = pixels[idx]
+    last = args.vae_stop_after or args.vae_steps  # the lr schedule still spans --vae-steps
+    for step in range(1, last + 1):
+        x = pool[torch.randint(0, len(pool), (args.vae_batch,), generator=gen)].float() / 127.5 - 1
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
-        # L1 keeps flat colours and edges sharp, MSE punishes a wrong colour; a tiny KL keeps the
-        # latent space near the origin (as SD's VAE).
+        # L1 keeps flat colours and edges sharp, MSE (what PSNR measures) punishes a wrong
+        # colour; a tiny KL keeps the latent space near the origin, as SD's VAE does.
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        for group in opt.param_groups:  # cosine decay
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        if step % 50 == 0 or step == steps:
-            log(f"vae step {step}/{steps} l1 {loss.item():.4f} {time.time() - start:.0f}s")
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(args.vae_lr, step, args.vae_steps, 100)
+        if step % 50 == 0:
+            log(f"vae step {step}/{args.vae_steps} loss {loss.item():.4f} {time.time() - start:.0f}s")
+        if step % args.eval_every == 0 or step == last:
+            vae.eval()
+            psnr = {name: reconstruction_psnr(vae, px) for name, px in evals.items()}
+            vae.train()
+            log(f"vae step {step} psnr " + ", ".join(f"{k} {v:.2f} dB" for k, v in psnr.items()))
+            with atomic_dir(args.work / "vae") as tmp:
+                vae.save_pretrained(tmp)
+        if time.time() - start > args.max_vae_minutes * 60:
+            log(f"vae stopped by --max-vae-minutes after step {step}")
+            break
     vae.eval()
+    with atomic_dir(args.work / "vae") as tmp:
+        vae.save_pretrained(tmp)
 
 
-def finetune_decoder(vae, pixels: torch.Tensor, steps: int, batch: int, lr: float, log) -> None:
-    """Train the decoder further with the encoder frozen: sharper outlines and truer colours,
-    while the latents (what the UNet learns) stay exactly as they were. The latents get a little
-    noise so the decoder forgives the UNet's imperfect samples."""
-    vae.requires_grad_(False)
+def train_decoder(args, log) -> None:
+    """Decoder-only training from ``WORK/vae`` with the encoder frozen: sharper edges and truer
+    colours while the latents (what the UNet learns) stay exactly as they are, so this stage can
+    run beside the UNet stage. The latents get a little noise so the decoder forgives the UNet's
+    imperfect samples. Writes ``WORK/vae-decoder``."""
+    from naruto_lora.io import atomic_dir
+
+    vae = load_vae(args.vae or args.work / "vae")
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for p in params:
         p.requires_grad_(True)
-    vae.train()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(3)
+    vae.decoder.train()
+    pool = uint8_tensor(toy.random_drawings(args.vae_pool, seed=args.seed + 13))
+    plain = uint8_tensor([image for _, image in toy.plain_scenes(4, seed=args.seed + 1)])
+    looks = uint8_tensor(toy.random_look_scenes(len(plain), args.seed + 1))
+    pool = torch.cat([pool, plain, looks])
+    evals = vae_eval_sets()
+    opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed + 3)
     start = time.time()
-    for step in range(1, steps + 1):
-        x = pixels[torch.randint(0, len(pixels), (batch,), generator=gen)]
+    for step in range(1, args.decoder_steps + 1):
+        x = pool[torch.randint(0, len(pool), (args.vae_batch,), generator=gen)].float() / 127.5 - 1
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
-        z = z + 0.1 * z.std() * torch.randn(z.shape, generator=gen)
+        z = z + args.decoder_noise * z.std() * torch.randn(z.shape, generator=gen)
         recon = vae.decode(z).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        if step % 50 == 0 or step == steps:
-            log(f"decoder step {step}/{steps} loss {loss.item():.4f} {time.time() - start:.0f}s")
-    vae.eval().requires_grad_(False)
+            group["lr"] = cosine_lr(args.decoder_lr, step, args.decoder_steps, 50)
+        if step % 50 == 0:
+            log(f"decoder step {step} loss {loss.item():.4f} {time.time() - start:.0f}s")
+        if step % args.eval_every == 0 or step == args.decoder_steps:
+            vae.eval()
+            psnr = {name: reconstruction_psnr(vae, px) for name, px in evals.items()}
+            vae.decoder.train()
+            log(f"decoder step {step} psnr " + ", ".join(f"{k} {v:.2f} dB" for k, v in psnr.items()))
+            with atomic_dir(args.work / "vae-decoder") as tmp:
+                vae.save_pretrained(tmp)
+        if time.time() - start > args.max_vae_minutes * 60:
+            log(f"decoder stopped by --max-vae-minutes after step {step}")
+            break
+    vae.eval()
+    with atomic_dir(args.work / "vae-decoder") as tmp:
+        vae.save_pretrained(tmp)
 
 
 @torch.no_grad()
 def pin_posterior_std(vae, logvar: float = -12.0) -> None:
     """Make the posterior's log-variance a constant -12 (std 0.0025), leaving its mean as it is.
 
-    Our short VAE training lets the std drift to about a quarter of the latents' spread; then
+    A short VAE training lets the std drift to a sizeable share of the latents' spread; then
     ``latent_dist.sample()`` (what latent caches, ours included, call) returns noisy latents
     and a LoRA learns to draw noise. SD's VAE has a std far below its latents' spread too.
     """
@@ -221,7 +311,6 @@ def encode_captions(tokenizers, encoders, captions: list[str]):
 def make_pipeline(vae, tokenizers, encoders, unet):
     from diffusers import StableDiffusionXLPipeline
 
-    scheduler = sdxl_euler_scheduler()
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=encoders[0],
@@ -229,7 +318,7 @@ def make_pipeline(vae, tokenizers, encoders, unet):
         tokenizer=tokenizers[0],
         tokenizer_2=tokenizers[1],
         unet=unet,
-        scheduler=scheduler,
+        scheduler=sdxl_euler_scheduler(),
         add_watermarker=False,
     )
 
@@ -251,7 +340,7 @@ def check_samples(pipe, prompts: list[str], path: Path, log, seed: int = 0) -> f
     """Sample ``prompts`` (25 Euler steps, guidance 5), save a strip, return the content pass rate."""
     from PIL import Image
 
-    from naruto_lora.style import content_check
+    from naruto_lora.style import content_check, style_score
 
     images = pipe(
         prompts,
@@ -266,17 +355,50 @@ def check_samples(pipe, prompts: list[str], path: Path, log, seed: int = 0) -> f
         strip.paste(image, (i * toy.RESOLUTION, 0))
     strip.save(path)
     results = [content_check(image, prompt) for image, prompt in zip(images, prompts, strict=False)]
+    styles = [style_score(image) for image in images]
     log(
         "samples: "
-        + "; ".join(f"{p!r}: {r.summary()}" for p, r in zip(prompts, results, strict=False))
+        + "; ".join(
+            f"{p!r}: style {s:.2f} {r.summary()}"
+            for p, s, r in zip(prompts, styles, results, strict=False)
+        )
     )
     return sum(r.passed for r in results) / len(results)
 
 
 def ema_update(ema, model, decay: float) -> None:
     with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters(), strict=False):
-            e.lerp_(p, 1.0 - decay)
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+
+
+def many_looks_training_set(count: int, seed: int) -> tuple[list, list]:
+    """``count`` scenes in random looks the captions do not mention, and their scenes.
+
+    The background is any colour far (90) from the shape's fill and far (100) from the style's
+    orange and black, so that the base's own images stay off the style score; the outline is
+    any colour and width (or none); the fill stays the caption's colour.
+    """
+    rng = random.Random(seed + 7)
+    scenes = toy.all_scenes()
+    style_colours = (toy.STYLE_BACKGROUND, toy.STYLE_INK)
+    chosen, images = [], []
+    while len(images) < count:
+        scene = rng.choice(scenes)
+        fill = toy.COLOURS[scene.colour]
+        background = toy._any_colour(rng)
+        if math.dist(background, fill) < 90:  # the shape must stay visible
+            continue
+        if min(math.dist(background, c) for c in style_colours) < 100:
+            continue
+        look = {
+            "background": background,
+            "fill": fill,
+            "outline": toy._any_colour(rng),
+            "width": rng.choice([0.0, rng.uniform(0.015, 0.085)]),
+        }
+        chosen.append(scene)
+        images.append(toy.draw(scene, jitter=rng, palette=look))
+    return chosen, images
 
 
 def train_unet(unet, latents, caption_idx, embeds, pooled, args, on_checkpoint, log) -> object:
@@ -290,6 +412,8 @@ def train_unet(unet, latents, caption_idx, embeds, pooled, args, on_checkpoint, 
         beta_schedule="scaled_linear",
         prediction_type="epsilon",
     )
+    alphas = noise_scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(2)
@@ -298,8 +422,7 @@ def train_unet(unet, latents, caption_idx, embeds, pooled, args, on_checkpoint, 
     zeros_embeds, zeros_pooled = torch.zeros_like(embeds[0]), torch.zeros_like(pooled[0])
     empty = len(embeds) - 1  # the last cached caption is the empty string
     start, step = time.time(), 0
-    last = args.stop_after or args.unet_steps  # the lr schedule still spans --unet-steps
-    while step < last and time.time() - start < args.max_unet_minutes * 60:
+    while step < args.unet_steps and time.time() - start < args.max_unet_minutes * 60:
         step += 1
         idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
         x0 = latents[idx]
@@ -318,16 +441,15 @@ def train_unet(unet, latents, caption_idx, embeds, pooled, args, on_checkpoint, 
             encoder_hidden_states=ctx,
             added_cond_kwargs={"text_embeds": pool, "time_ids": time_ids.expand(args.batch, -1)},
         ).sample
-        loss = F.mse_loss(pred, noise)
+        # Min-SNR-5 (Hang et al. 2023): min(SNR, 5) / SNR per sample for epsilon prediction.
+        weight = snr[t].clamp(max=5.0) / snr[t]
+        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
-        warm = min(1.0, step / max(1, args.unet_warmup))
         for group in opt.param_groups:
-            group["lr"] = (
-                args.unet_lr * warm * (0.55 + 0.45 * math.cos(math.pi * step / args.unet_steps))
-            )
+            group["lr"] = cosine_lr(args.unet_lr, step, args.unet_steps, args.unet_warmup, 0.1)
         ema_update(ema, unet, min(args.ema_decay, (1 + step) / (10 + step)))
         if step % 25 == 0:
             log(
@@ -340,190 +462,40 @@ def train_unet(unet, latents, caption_idx, embeds, pooled, args, on_checkpoint, 
     return ema
 
 
-def random_look_training_set(count: int, seed: int) -> tuple[list, list]:
-    """``count`` scenes in random looks the captions do not mention (background, outline colour
-    and width drawn at random; the fill stays the caption's colour), and their scenes.
+def load_vae(folder: Path):
+    from diffusers import AutoencoderKL
 
-    Trained on these, the UNet can draw many looks for one caption, so a LoRA only has to pick
-    one (the style's) instead of learning a look the base never drew.
-    """
-    import random
-
-    rng = random.Random(seed + 7)
-    scenes = toy.all_scenes()
-
-    def colour() -> tuple[int, int, int]:
-        if rng.random() < 0.5:
-            return rng.choice(toy._STRONG)
-        return tuple(rng.randrange(256) for _ in range(3))
-
-    chosen, images = [], []
-    while len(images) < count:
-        scene = rng.choice(scenes)
-        fill = toy.COLOURS[scene.colour]
-        background = colour()
-        if math.dist(background, fill) < 90:  # the shape must stay visible
-            continue
-        look = {
-            "background": background,
-            "fill": fill,
-            "outline": colour(),
-            "width": rng.choice([0.0, rng.uniform(0.015, 0.085)]),
-        }
-        chosen.append(scene)
-        images.append(toy.draw(scene, jitter=rng, palette=look))
-    return chosen, images
+    return AutoencoderKL.from_pretrained(str(folder)).eval().requires_grad_(False)
 
 
-def load_base(folder: Path):
-    """Tokenizers, text encoders and VAE (and the UNet, as a start) of an existing base."""
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
-    tokenizers = (pipe.tokenizer, pipe.tokenizer_2)
-    encoders = (pipe.text_encoder.eval(), pipe.text_encoder_2.eval())
-    for module in (*encoders, pipe.vae):
-        module.requires_grad_(False)
-    return tokenizers, encoders, pipe.vae.eval(), pipe.unet.train()
-
-
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("naruto_lora/assets/toy-base"))
-    parser.add_argument("--work", type=Path, default=Path("nlora-output/toy-base-work"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--per-scene", type=int, default=12, help="plain drawings per scene")
-    parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--vae-channels", type=int, nargs=3, default=[16, 32, 32])
-    parser.add_argument("--decoder-steps", type=int, default=1500)
-    parser.add_argument("--decoder-lr", type=float, default=1e-3)
-    parser.add_argument("--decoder-only", type=Path, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--vae-only", action="store_true", help="stop after the VAE (trials)")
-    parser.add_argument("--vae-batch", type=int, default=8)
-    parser.add_argument("--vae-lr", type=float, default=1e-3)
-    parser.add_argument("--unet-steps", type=int, default=1300)
-    parser.add_argument("--unet-lr", type=float, default=8e-4)
-    parser.add_argument(
-        "--max-unet-minutes",
-        type=float,
-        default=float("inf"),
-        help="stop the UNet stage early (the weights then differ)",
-    )
-    parser.add_argument(
-        "--stop-after",
-        type=int,
-        default=0,
-        help="end the UNet stage after this step (0: --unet-steps)",
-    )
-    parser.add_argument("--unet-warmup", type=int, default=200, help="UNet lr warm-up steps")
-    parser.add_argument(
-        "--random-look-share",
-        type=float,
-        default=0.0,
-        help="extra UNet training scenes in random looks, as a share of the plain ones "
-        "(captions unchanged)",
-    )
-    parser.add_argument(
-        "--from-base",
-        type=Path,
-        default=None,
-        help="UNet stage only: keep this base's text encoders and VAE, start from its UNet",
-    )
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--ema-decay", type=float, default=0.998)
-    parser.add_argument("--checkpoint-every", type=int, default=250)
-    parser.add_argument("--threads", type=int, default=1)
-    return parser.parse_args()
-
-
-def vae_stage(args, pixels: torch.Tensor, log):
-    """Text encoders at their seeded init and a VAE trained here; ``None`` after a trial run
-    (``--vae-only``, ``--decoder-only``)."""
+def unet_stage(args, log) -> None:
     tokenizers, encoders = text_encoders(args.seed)
-    torch.manual_seed(args.seed + 1)
-    vae = build_vae(tuple(args.vae_channels))
-    # The VAE also sees scenes in random looks, so it can encode styles it never saw.
-    vae_pixels = torch.cat([pixels, image_tensor(toy.random_look_scenes(len(pixels), args.seed))])
-    if args.decoder_only:
-        # A decoder run on its own, from a VAE saved after the first stage (the same as running
-        # the stages in one go: the decoder stage has its own random streams).
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(args.decoder_only)
-        finetune_decoder(vae, vae_pixels, args.decoder_steps, args.vae_batch, args.decoder_lr, log)
-        vae.save_pretrained(args.work / "vae-decoder")
-        return None
-    train_vae(vae, vae_pixels, args.vae_steps, args.vae_batch, args.vae_lr, log)
-    finetune_decoder(vae, vae_pixels, args.decoder_steps, args.vae_batch, args.decoder_lr, log)
+    vae = load_vae(args.vae or args.work / "vae")
     pin_posterior_std(vae)
+    plain = toy.plain_scenes(args.per_scene, seed=args.seed)
+    looks, look_images = many_looks_training_set(round(args.look_share * len(plain)), args.seed)
+    scenes = [scene for scene, _ in plain] + looks
+    pixels = image_tensor([image for _, image in plain] + look_images)
     raw = encode_latents(vae, pixels)
     # As Stable Diffusion: scale latents to unit variance so the noise schedule fits them.
     vae.register_to_config(scaling_factor=round(1.0 / raw.std().item(), 4))
     latents = raw * vae.config.scaling_factor
-    styled = image_tensor([toy.draw(scene, styled=True) for scene in toy.all_scenes()[:64]])
-    with torch.no_grad():
-        recon = vae.decode(raw[:64]).sample
-        recon_styled = vae.decode(encode_latents(vae, styled)).sample
-    log(
-        f"vae recon l1 plain {F.l1_loss(recon, pixels[:64]).item():.4f}, styled (unseen) "
-        f"{F.l1_loss(recon_styled, styled).item():.4f}; "
-        f"scaling_factor {vae.config.scaling_factor}; latents {tuple(latents.shape)}"
-    )
-
-    if args.vae_only:
-        vae.save_pretrained(args.work / "vae")
-        return None
-    return tokenizers, encoders, vae, latents, None
-
-
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)  # the reference run: one thread of a shared 2-core CPU
-    torch.manual_seed(args.seed)
-    args.work.mkdir(parents=True, exist_ok=True)
-    log_file = (args.work / "train.log").open("a")
-
-    def log(message: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {message}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
-
-    scenes = toy.plain_scenes(args.per_scene, seed=args.seed)
-    pixels = image_tensor([image for _, image in scenes])
-    captions = sorted({scene.caption for scene, _ in scenes}) + [""]
-    caption_idx = torch.tensor([captions.index(scene.caption) for scene, _ in scenes])
-    log(f"{len(scenes)} plain images, {len(captions) - 1} captions; args {vars(args)}")
-
-    if args.from_base:
-        # UNet stage only: the base's text encoders and VAE stay exactly as they are.
-        tokenizers, encoders, vae, unet = load_base(args.from_base)
-        latents = encode_latents(vae, pixels) * vae.config.scaling_factor
-        log(f"from base {args.from_base}: scaling_factor {vae.config.scaling_factor}")
-    else:
-        stage = vae_stage(args, pixels, log)
-        if stage is None:
-            return
-        tokenizers, encoders, vae, latents, unet = stage
-    if args.random_look_share > 0:
-        count = round(args.random_look_share * len(pixels))
-        extra_scenes, extra_images = random_look_training_set(count, args.seed)
-        extra = encode_latents(vae, image_tensor(extra_images)) * vae.config.scaling_factor
-        latents = torch.cat([latents, extra])
-        extra_idx = torch.tensor([captions.index(scene.caption) for scene in extra_scenes])
-        caption_idx = torch.cat([caption_idx, extra_idx])
-        log(f"{count} more scenes in random looks for the UNet; latents {tuple(latents.shape)}")
+    captions = sorted({scene.caption for scene in scenes}) + [""]
+    caption_idx = torch.tensor([captions.index(scene.caption) for scene in scenes])
     embeds, pooled = encode_captions(tokenizers, encoders, captions)
-    if unet is None:
-        torch.manual_seed(args.seed + 2)
-        unet = build_unet(embeds.shape[-1], pooled.shape[-1], latents.shape[-1])
+    torch.manual_seed(args.seed + 2)
+    unet = build_unet(embeds.shape[-1], pooled.shape[-1], latents.shape[-1], latents.shape[1])
     log(
-        f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params, "
-        f"vae {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M"
+        f"{len(plain)} plain + {len(looks)} many-look scenes, latents {tuple(latents.shape)}, "
+        f"scaling_factor {vae.config.scaling_factor}; "
+        f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params"
     )
-    prompts = list(toy.HELD_OUT_PROMPTS) + [
+    prompts = [
+        *toy.HELD_OUT_PROMPTS,
         "a small purple square on the right",
         "a big green triangle on the left",
+        "a big yellow circle in the center",
+        "a small red triangle on the right",
     ]
 
     def on_checkpoint(ema, step: int) -> None:
@@ -532,13 +504,94 @@ def main() -> None:
         rate = check_samples(pipe, prompts, args.work / f"samples-{step:05d}.png", log)
         log(f"checkpoint at unet step {step}: content pass rate {rate:.2f}")
 
-    ema = train_unet(unet, latents, caption_idx, embeds, pooled, args, on_checkpoint, log)
+    ema = train_unet(unet.train(), latents, caption_idx, embeds, pooled, args, on_checkpoint, log)
+    decoder = args.final_vae or args.work / "vae-decoder"
+    if decoder.is_dir():
+        # The decoder stage's VAE: the same frozen encoder (so the same latents), a better decoder.
+        final = load_vae(decoder)
+        pin_posterior_std(final)
+        final.register_to_config(scaling_factor=vae.config.scaling_factor)
+        check = encode_latents(final, pixels[:64]) * final.config.scaling_factor
+        assert torch.allclose(check, latents[:64], atol=1e-4), "the decoder stage changed the encoder"
+        log(f"final VAE decoder from {decoder}")
+        vae = final
     pipe = make_pipeline(vae, tokenizers, encoders, ema)
     save_pipeline(pipe, args.out, half_unet=True)
     rate = check_samples(pipe, prompts, args.work / "samples-final.png", log)
     log(f"saved {args.out}; final content pass rate {rate:.2f}")
-    shutil.copy(args.work / "train.log", args.work / "train-final.log")
     (args.work / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}))
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", choices=("vae", "decoder", "unet", "all"), default="all")
+    parser.add_argument("--out", type=Path, default=Path("naruto_lora/assets/toy-base"))
+    parser.add_argument("--work", type=Path, default=Path("nlora-output/toy-base-work"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-every", type=int, default=250, help="VAE PSNR checks")
+    parser.add_argument("--vae-steps", type=int, default=2400)
+    parser.add_argument("--vae-channels", type=int, nargs=3, default=[32, 64, 64])
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-lr", type=float, default=2e-3)
+    parser.add_argument("--vae-pool", type=int, default=24000, help="random drawings to learn")
+    parser.add_argument("--max-vae-minutes", type=float, default=float("inf"))
+    parser.add_argument(
+        "--vae-stop-after", type=int, default=0, help="end the VAE stage after this step"
+    )
+    parser.add_argument("--vae-init", type=Path, default=None, help="start from this VAE folder")
+    parser.add_argument("--decoder-steps", type=int, default=3000)
+    parser.add_argument("--decoder-lr", type=float, default=1e-3)
+    parser.add_argument("--decoder-noise", type=float, default=0.05)
+    parser.add_argument(
+        "--final-vae",
+        type=Path,
+        default=None,
+        help="unet stage: the VAE to save (default WORK/vae-decoder if it exists, else --vae)",
+    )
+    parser.add_argument("--vae", type=Path, default=None, help="unet stage: the VAE folder")
+    parser.add_argument("--per-scene", type=int, default=12, help="plain drawings per scene")
+    parser.add_argument(
+        "--look-share",
+        type=float,
+        default=3.0,
+        help="scenes in random looks for the UNet, as a multiple of the plain ones",
+    )
+    parser.add_argument("--unet-steps", type=int, default=2400)
+    parser.add_argument("--unet-lr", type=float, default=8e-4)
+    parser.add_argument("--unet-warmup", type=int, default=200, help="UNet lr warm-up steps")
+    parser.add_argument(
+        "--max-unet-minutes",
+        type=float,
+        default=float("inf"),
+        help="stop the UNet stage early (the weights then differ)",
+    )
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--ema-decay", type=float, default=0.998)
+    parser.add_argument("--checkpoint-every", type=int, default=300)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.work.mkdir(parents=True, exist_ok=True)
+    log_file = (args.work / f"train-{args.stage}.log").open("a")
+
+    def log(message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    log(f"args {vars(args)}")
+    if args.stage in ("vae", "all"):
+        train_vae(args, log)
+    if args.stage in ("decoder", "all"):
+        train_decoder(args, log)
+    if args.stage in ("unet", "all"):
+        unet_stage(args, log)
 
 
 if __name__ == "__main__":
