@@ -204,7 +204,9 @@ def train_vae(args, log) -> None:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(args.vae_lr, step, args.vae_steps, 100)
         if step % 50 == 0:
-            log(f"vae step {step}/{args.vae_steps} loss {loss.item():.4f} {time.time() - start:.0f}s")
+            log(
+                f"vae step {step}/{args.vae_steps} loss {loss.item():.4f} {time.time() - start:.0f}s"
+            )
         if step % args.eval_every == 0 or step == last:
             vae.eval()
             psnr = {name: reconstruction_psnr(vae, px) for name, px in evals.items()}
@@ -259,7 +261,9 @@ def train_decoder(args, log) -> None:
             vae.eval()
             psnr = {name: reconstruction_psnr(vae, px) for name, px in evals.items()}
             vae.decoder.train()
-            log(f"decoder step {step} psnr " + ", ".join(f"{k} {v:.2f} dB" for k, v in psnr.items()))
+            log(
+                f"decoder step {step} psnr " + ", ".join(f"{k} {v:.2f} dB" for k, v in psnr.items())
+            )
             with atomic_dir(args.work / "vae-decoder") as tmp:
                 vae.save_pretrained(tmp)
         if time.time() - start > args.max_vae_minutes * 60:
@@ -512,7 +516,9 @@ def unet_stage(args, log) -> None:
         pin_posterior_std(final)
         final.register_to_config(scaling_factor=vae.config.scaling_factor)
         check = encode_latents(final, pixels[:64]) * final.config.scaling_factor
-        assert torch.allclose(check, latents[:64], atol=1e-4), "the decoder stage changed the encoder"
+        assert torch.allclose(check, latents[:64], atol=1e-4), (
+            "the decoder stage changed the encoder"
+        )
         log(f"final VAE decoder from {decoder}")
         vae = final
     pipe = make_pipeline(vae, tokenizers, encoders, ema)

@@ -78,8 +78,12 @@ def test_random_drawings_are_seeded_and_broad() -> None:
     first = toy.random_drawings(48, seed=3)
     again = toy.random_drawings(48, seed=3)
     other = toy.random_drawings(48, seed=4)
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again))
-    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, other))
+    assert all(
+        np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again, strict=True)
+    )
+    assert not all(
+        np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, other, strict=True)
+    )
     assert {im.size for im in first} == {(toy.RESOLUTION, toy.RESOLUTION)}
     corners = {tuple(np.asarray(im)[1, 1] // 32) for im in first}  # background colour bins
     assert len(corners) >= 20
