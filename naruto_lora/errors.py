@@ -90,7 +90,9 @@ def unsafe_pickle(exc: Exception, path: object | None = None) -> UserError | Non
 
     if not isinstance(exc, pickle.UnpicklingError) or "weights_only" not in str(exc).lower():
         return None
-    where = f"'{path}'" if path else "A file being loaded"
+    where = (
+        (path if str(path).startswith("The ") else f"'{path}'") if path else "A file being loaded"
+    )
     return UserError(
         f"{where} is not a safe format: it is a Python pickle holding more than tensors (it could "
         "run code when loaded), so naruto-lora will not load it.",

@@ -55,15 +55,35 @@ def _load(loader: Any, model_id: str, what: str, **kwargs: Any) -> Any:
             # diffusers >= 0.36 renamed torch_dtype to dtype; older releases we support lack dtype.
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             return loader.from_pretrained(model_id, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
         sub = kwargs.get("subfolder")
         where = f"'{model_id}'" + (f" (subfolder '{sub}')" if sub else "")
+        refused = _unsafe_pickle_in(exc, f"The {what} file in {where}")
+        if refused is not None:
+            raise refused from None
+        if not isinstance(exc, (OSError, ValueError)):
+            raise
         raise UserError(
             f"Could not load the {what} from {where}: {str(exc).splitlines()[0]}",
             hint="Check the id or path; for a hub id you need network access or a filled hub cache "
             "(unset HF_HUB_OFFLINE, or run `hf download ID` once). "
             "`nlora doctor` shows what is available.",
         ) from exc
+
+
+def _unsafe_pickle_in(exc: BaseException, where: str) -> UserError | None:
+    """diffusers wraps torch's refusal of a code-running pickle in an OSError: find it."""
+    from naruto_lora.errors import unsafe_pickle
+
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if seen is None:
+            return None
+        found = unsafe_pickle(seen, where) if isinstance(seen, Exception) else None
+        if found is not None:
+            return found
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _common(profile_model: Any) -> dict[str, Any]:

@@ -264,3 +264,23 @@ def test_sampling_into_a_read_only_folder_is_a_message(run, tmp_path, cli_runner
         ["sample", "--lora", str(run), "--prompt", "x", "--steps", "2", "--out", str(out)],
     )
     assert_clean_failure(result, "permission is denied", "one.png")
+
+
+def test_a_model_folder_with_a_code_running_pickle_is_refused(
+    run, tmp_path, cli_runner, tiny_model_dir
+):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    for weights in (model / "unet").glob("*.safetensors"):
+        weights.unlink()
+    torch.save({"payload": os.system}, model / "unet" / "diffusion_pytorch_model.bin")
+    out = tmp_path / "x.png"
+    result = invoke(
+        cli_runner,
+        ["sample", "--lora", str(run), "--model", str(model), "--vae", "", "--prompt", "x",
+         "--steps", "2", "--out", str(out)],
+    )  # fmt: skip
+    assert_clean_failure(result, "UNet", "is not a safe format", "will not load")
+    assert "weights_only=False" not in result.output and not out.exists()
