@@ -101,3 +101,20 @@ def test_a_build_that_will_not_fit_stops_after_the_first_shard(
     monkeypatch.undo()
     again = invoke(cli_runner, args)
     assert again.exit_code == 0 and "1 reused, 3 encoded" in " ".join(again.output.split())
+
+
+def test_a_shard_cut_short_while_in_use_is_a_message_not_sigbus(tmp_path):
+    import pytest
+    import torch
+
+    from naruto_lora.cache.shards import ShardReader, write_shard
+    from naruto_lora.errors import UserError
+
+    path = tmp_path / "latents-00aa.safetensors"
+    write_shard(path, {"000000.latents": torch.ones(4, 64, 64)}, {"kind": "latents"})
+    reader = ShardReader(path)
+    assert reader.get("000000.latents").sum().item() == 4 * 64 * 64
+    with open(path, "r+b") as fh:  # truncated in place, as `truncate -s` or a bad copy does
+        fh.truncate(100)
+    with pytest.raises(UserError, match="was cut short while in use"):
+        reader.get("000000.latents")

@@ -78,7 +78,9 @@ class ShardReader:
     def __init__(self, path: Path):
         self.path = Path(path)
         with open(self.path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
+            stat = os.fstat(fh.fileno())
+            size = stat.st_size
+            self._inode, self._size = (stat.st_dev, stat.st_ino), size
             if size < 8:
                 raise CorruptShard(f"{self.path.name}: {size} bytes, too short for safetensors")
             self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
@@ -107,7 +109,28 @@ class ShardReader:
         prefix = f"{slot:06d}."
         return {n[len(prefix) :]: self.get(n) for n in self._entries if n.startswith(prefix)}
 
+    def check_not_cut(self) -> None:
+        """Reading a mapped page past the end of a file that was cut short kills the process
+        with SIGBUS, which nothing can catch: stat first. (A file replaced by another under the
+        same name is harmless: the map keeps the old one.) A cut between this check and the
+        read can still crash; docs/reliability.md says so."""
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return  # deleted: the map keeps the old file alive
+        if (stat.st_dev, stat.st_ino) == self._inode and stat.st_size < self._size:
+            from naruto_lora.errors import UserError
+
+            raise UserError(
+                f"The cache shard '{self.path}' was cut short while in use ({self._size} bytes "
+                f"when opened, {stat.st_size} now): something truncated it.",
+                hint="Stop whatever writes into the cache folder, rebuild the cache "
+                "(`nlora cache latents` / `nlora cache text --to-disk`), then continue with "
+                "--resume latest.",
+            )
+
     def get(self, name: str) -> torch.Tensor:
+        self.check_not_cut()
         dtype, shape, offset, nbytes = self._entries[name]
         itemsize = torch.empty((), dtype=dtype).element_size()
         count = nbytes // itemsize
