@@ -107,9 +107,11 @@ def test_a_second_train_into_a_folder_in_use_is_refused_and_a_killed_holder_free
     finally:
         holder.send_signal(signal.SIGKILL)  # kill -9: the lock must not outlive its holder
         holder.wait()
+    assert (out / LOCK_NAME).is_file()  # the killed holder's file, no longer locked
     result = invoke(cli_runner, args(cache_dir, out))
     assert result.exit_code == 0, result.output
     assert (out / WEIGHT_NAME).is_file()
+    assert not (out / LOCK_NAME).exists()  # a run that ends leaves no lock file behind
 
 
 def test_the_lock_is_held_during_the_run(cache_dir: Path, tmp_path: Path) -> None:

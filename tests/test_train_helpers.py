@@ -273,8 +273,16 @@ def test_output_folder_rules(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="unfinished run"):
         check_output_folder(run, same, None)
     assert check_output_folder(run, same, "latest") is False
-    (run / "pytorch_lora_weights.safetensors").write_bytes(b"")  # a finished run
-    assert check_output_folder(run, same, None) is True
+    assert check_output_folder(run, same, None, overwrite=True) is True
+    (run / "pytorch_lora_weights.safetensors").write_bytes(b"")  # a finished run: kept
+    with pytest.raises(UserError, match="finished run"):
+        check_output_folder(run, same, None)
+    assert check_output_folder(run, same, None, overwrite=True) is True
+    assert check_output_folder(run, other, None, overwrite=True) is True  # replaced on request
+    with pytest.raises(UserError, match="give one of them"):
+        check_output_folder(run, same, "latest", overwrite=True)
+    with pytest.raises(UserError, match="not a naruto-lora training output"):
+        check_output_folder(stranger, profile, None, overwrite=True)
 
 
 def test_live_display_shows_progress_and_vital_signs(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,6 +17,7 @@ def _phases(
     steps: int,
     prompts: tuple[str, ...],
     sample_steps: int,
+    overwrite: bool = False,
 ) -> list:
     common = ["--profile", profile, "--output", output, "--cache-dir", cache_dir]
     compare = ["sample", *common, "--lora", output, "--compare", "--out", f"{output}/compare"]
@@ -26,7 +27,11 @@ def _phases(
     return [
         ("cache latents", ["cache", "latents", *common]),
         ("cache text", ["cache", "text", "--to-disk", *common]),
-        ("train", ["train", *common, "--set", f"train.max_steps={steps}"]),
+        (
+            "train",
+            ["train", *common, "--set", f"train.max_steps={steps}"]
+            + (["--overwrite"] if overwrite else []),
+        ),
         ("sample --compare", compare),
     ]
 
@@ -56,6 +61,12 @@ def register(cli: click.Group) -> None:
         multiple=True,
         help="Prompts for the comparison grid (default: the profile's validation prompts).",
     )
+    @click.option(
+        "--overwrite",
+        is_flag=True,
+        help="Replace an earlier demo run in the output folder (else a finished one is kept and "
+        "the train phase stops).",
+    )
     @click.pass_context
     def demo(
         ctx: click.Context,
@@ -64,6 +75,7 @@ def register(cli: click.Group) -> None:
         cache_dir: str,
         steps: int | None,
         prompts: tuple[str, ...],
+        overwrite: bool,
     ) -> None:
         """Run cache latents -> cache text -> train -> sample --compare on the tiny default.
 
@@ -78,7 +90,13 @@ def register(cli: click.Group) -> None:
         prompts = prompts or profile.validation.prompts
         started = time.perf_counter()
         for label, args in _phases(
-            profile_name, output, cache_dir, steps, prompts, profile.validation.num_inference_steps
+            profile_name,
+            output,
+            cache_dir,
+            steps,
+            prompts,
+            profile.validation.num_inference_steps,
+            overwrite,
         ):
             command = cli.get_command(ctx, args[0])
             if args[0] in ("cache",):

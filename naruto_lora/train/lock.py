@@ -2,8 +2,8 @@
 
 ``OUTPUT/.nlora-train.lock`` is held with ``flock`` for the whole run; it records who holds it
 (process id, host, start time, command) so a second run can name the first. The kernel drops
-the lock when its holder dies, so a run killed with ``kill -9`` leaves no stale lock: the next
-run takes it and overwrites the record.
+the lock when its holder dies, so a run killed with ``kill -9`` leaves no stale lock (only its
+file): the next run takes it and overwrites the record.
 """
 
 from __future__ import annotations
@@ -51,10 +51,12 @@ def output_lock(output_dir: Path, enabled: bool = True) -> Iterator[None]:
     """Hold the output folder's lock while the body runs (``enabled=False``: a process of a
     multi-process run other than the main one, which holds it for all).
 
-    A folder this creates only to hold the lock is removed again when the run fails before it
-    wrote anything there (a failed setup does not claim the folder)."""
+    The lock file is removed when the run ends (while still locked; a taker checks that the file
+    it locked is still the one in the folder), so a finished run leaves nothing behind; a killed
+    run leaves the file, unlocked, for the next run to take. A folder this creates only to hold
+    the lock is removed again when the run fails before it wrote anything there."""
     try:
-        import fcntl
+        import fcntl  # noqa: F401
     except ImportError:  # pragma: no cover - Windows: no locking
         enabled = False
     if not enabled:
@@ -65,35 +67,55 @@ def output_lock(output_dir: Path, enabled: bool = True) -> Iterator[None]:
         raise UserError(f"Output path '{output_dir}' is a file, not a folder.")
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / LOCK_NAME
-    with open(path, "a+", encoding="utf-8") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            raise UserError(
-                f"Output folder '{output_dir}' is in use by {_holder_text(fh.read())}.",
-                hint="Wait for that run to end (or stop it: Ctrl-C writes a checkpoint), or "
-                "train into another --output. Nothing was changed.",
-            ) from None
+    fh = _take(path, output_dir)
+    try:
         fh.seek(0)
         fh.truncate()
         fh.write(_record())
         fh.flush()
+        yield
+    finally:
+        _release(fh, path, output_dir, created)
+
+
+def _take(path: Path, output_dir: Path) -> Any:
+    """The open, locked lock file; a UserError naming the holder when another run has it."""
+    import fcntl
+
+    while True:
+        fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole run
         try:
-            yield
-        finally:
-            _release(fh, path, output_dir, created)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = _holder_text(fh.read())
+            fh.close()
+            raise UserError(
+                f"Output folder '{output_dir}' is in use by {holder}.",
+                hint="Wait for that run to end (or stop it: Ctrl-C writes a checkpoint), or "
+                "train into another --output. Nothing was changed.",
+            ) from None
+        try:
+            same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fh
+        fh.close()  # the run before us removed this file as it ended: take the new one
 
 
 def _release(fh: Any, path: Path, output_dir: Path, created: bool) -> None:
     import fcntl
 
-    if created and [p.name for p in output_dir.iterdir()] == [LOCK_NAME]:
-        # Nothing but the lock: the run failed before it claimed the folder.
-        path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            output_dir.rmdir()
-    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    try:
+        path.unlink(missing_ok=True)  # still locked: nobody can take the removed file
+        if created and not any(output_dir.iterdir()):
+            # Nothing else there: the run failed before it claimed the folder.
+            with contextlib.suppress(OSError):
+                output_dir.rmdir()
+    finally:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()
 
 
 def output_lock_for(profile: Any) -> contextlib.AbstractContextManager[None]:
