@@ -258,7 +258,7 @@ def sync_cache(
     started = time.perf_counter()
     report = BuildReport(kind=kind, folder=folder, planned=len(planned))
     # A check (auto=False) of a cache that does not exist must not create its folder.
-    manifest.check_ours(folder, kind)  # before the lock file is created in it
+    manifest.check_ours(folder, kind, locked=False)  # before the lock file is created in it
     lock = manifest.build_lock(folder) if auto or folder.is_dir() else contextlib.nullcontext()
     with lock:
         if manifest.check_ours(folder, kind) and auto:

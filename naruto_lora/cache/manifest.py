@@ -129,17 +129,28 @@ def shard_pattern(kind: str) -> re.Pattern[str]:
     return re.compile(rf"^(\.)?{re.escape(kind)}-[0-9a-f]+\.safetensors(\.[A-Za-z0-9_]+\.tmp)?$")
 
 
-def check_ours(folder: Path, kind: str) -> bool:
+def _our_temp(name: str) -> bool:
+    return any(
+        name.startswith(f".{ours}.") and name.endswith(".tmp") for ours in (INDEX, SKIPPED, MARKER)
+    )
+
+
+def check_ours(folder: Path, kind: str, locked: bool = True) -> bool:
     """Whether ``folder`` may be used as the ``kind`` cache: it is missing or empty, carries our
     marker, or (a cache from before the marker) holds a readable index of ours. A UserError
-    otherwise: its files are not ours to overwrite or delete. True when the marker is missing."""
+    otherwise: its files are not ours to overwrite or delete. True when the marker is missing.
+
+    Before the build lock is taken (``locked=False``) a folder with our lock file in it is left
+    to the check under the lock: another process may be building it right now."""
     if not folder.exists():
         return True
     if not folder.is_dir():
         raise UserError(f"The {kind} cache path '{folder}' is a file, not a folder.")
-    if (folder / MARKER).is_file():
+    if (folder / MARKER).is_file() or (not locked and (folder / LOCK).is_file()):
         return False
-    entries = [p.name for p in folder.iterdir() if p.name not in (LOCK, MARKER)]
+    entries = [
+        p.name for p in folder.iterdir() if p.name not in (LOCK, MARKER) and not _our_temp(p.name)
+    ]
     if not entries or read_index(folder, kind) is not None:
         return True
     shown = ", ".join(sorted(entries)[:5]) + (" ..." if len(entries) > 5 else "")
