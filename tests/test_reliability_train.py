@@ -411,3 +411,31 @@ def test_a_damaged_profile_toml_never_advises_deleting_the_checkpoints(
     assert_clean_failure(result, "profile.toml' is damaged", "Do not delete the folder")
     assert "delete that folder" not in result.output
     assert digest_tree(out) == before
+
+
+def test_atomic_folders_are_fsynced_before_the_rename(tmp_path: Path, monkeypatch) -> None:
+    """A power cut after the rename must not find a "complete" checkpoint of empty files."""
+    import naruto_lora.io as io
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("rename", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "fsync", fsync)
+    monkeypatch.setattr(io.os, "replace", replace)
+    target = tmp_path / "checkpoints" / "step-1"
+    with io.atomic_dir(target) as tmp:
+        (tmp / "training_state.pt").write_bytes(b"state")
+        (tmp / "ema_unet").mkdir()
+        (tmp / "ema_unet" / "w.safetensors").write_bytes(b"weights")
+    rename = events.index(("rename", str(target)))
+    synced = {Path(p).name for kind, p in events[:rename] if kind == "fsync"}
+    assert {"training_state.pt", "w.safetensors", "ema_unet"} <= synced
+    assert ("fsync", str(target.parent)) in events[rename:]  # the folder's entry too
