@@ -439,3 +439,14 @@ def test_atomic_folders_are_fsynced_before_the_rename(tmp_path: Path, monkeypatc
     synced = {Path(p).name for kind, p in events[:rename] if kind == "fsync"}
     assert {"training_state.pt", "w.safetensors", "ema_unet"} <= synced
     assert ("fsync", str(target.parent)) in events[rename:]  # the folder's entry too
+
+
+def test_a_run_a_step_short_of_many_is_done_with_a_warning() -> None:
+    """fp16's grad scaler or one non-finite batch may cost a step when train.epochs binds."""
+    from naruto_lora.train.guard import NonFiniteGuard, check_ran_to_the_end
+
+    guard = NonFiniteGuard(5, 1e-4, announce=False)
+    guard.total = 1
+    check_ran_to_the_end(1999, 2000, guard, None)  # within 5%: done
+    with pytest.raises(UserError, match="ended after 1800 of 2000 steps"):
+        check_ran_to_the_end(1800, 2000, guard, None)

@@ -187,16 +187,31 @@ def check_final_weights(weights: dict[str, dict[str, torch.Tensor]], learning_ra
         )
 
 
+# A run may end this share of its planned steps short (the data ran out because some updates
+# were skipped) and still count as done, with a warning; beyond it, it failed.
+SHORT_RUN_SHARE = 0.05
+
+
 def check_ran_to_the_end(
     steps: int, total_steps: int, guard: NonFiniteGuard, checkpoint: Any
 ) -> None:
-    """A run that ran out of data before its last step (updates were skipped) is no success."""
-    if steps >= total_steps:
+    """A run that ran out of data well before its last step (updates were skipped) is no
+    success. (fp16's grad scaler skips a few steps early on; a shortfall within
+    ``SHORT_RUN_SHARE`` is only a warning.)"""
+    missing = total_steps - steps
+    if missing <= 0:
+        return
+    if missing <= max(1, SHORT_RUN_SHARE * total_steps):
+        if guard.announce:
+            err_console.print(
+                f"[yellow]warning: the data ran out {missing} step(s) before train.max_steps "
+                f"({steps} of {total_steps}): {guard.total} update(s) were skipped.[/]"
+            )
         return
     kept = f" The last checkpoint is '{checkpoint}'." if checkpoint else ""
     raise UserError(
         f"Training ended after {steps} of {total_steps} steps: the data ran out (train.epochs) "
-        f"because {guard.total} update(s) were skipped for non-finite losses or gradients. No "
+        f"because updates were skipped ({guard.total} for non-finite losses or gradients). No "
         f"final weights were written.{kept}",
         hint=NONFINITE_ADVICE.format(lr=guard.learning_rate),
     )
