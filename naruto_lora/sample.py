@@ -339,6 +339,20 @@ def plan_images(options: SampleOptions, out: Path) -> list[tuple[str, int, Path]
     ]
 
 
+def check_no_images_there(paths: list[Path], overwrite: bool) -> None:
+    """Refuse, before anything loads, to replace images a user already has."""
+    there = [p for p in paths if p.exists()]
+    if there and not overwrite:
+        shown = ", ".join(f"'{p}'" for p in there[:3]) + (
+            f" (and {len(there) - 3} more)" if len(there) > 3 else ""
+        )
+        raise UserError(
+            f"{len(there)} of the {len(paths)} image(s) to write already exist: {shown}. They "
+            "are not replaced without --overwrite.",
+            hint="Give another --out (or --seed), or --overwrite to replace them.",
+        )
+
+
 def plan_grids(options: SampleOptions, out: Path) -> list[tuple[str, Path]]:
     names = [f"compare-{i:02d}-{slug(prompt)}.png" for i, prompt in enumerate(options.prompts)]
     return list(zip(options.prompts, output_paths(out, names), strict=True))
@@ -413,8 +427,10 @@ def sample(
     scales: Sequence[float] = DEFAULT_SCALES,
     low_vram: bool = False,
     dtype_name: str = "auto",
+    overwrite: bool = False,
 ) -> list[Path]:
-    """Load the base pipeline and the LoRA, then write the images (or comparison grids)."""
+    """Load the base pipeline and the LoRA, then write the images (or comparison grids).
+    Images already at their paths are only replaced with ``overwrite``."""
     from rich.markup import escape
 
     from naruto_lora.console import console
@@ -423,6 +439,7 @@ def sample(
     options.validate()
     device, dtype = pick_device_dtype(dtype_name)
     plan = plan_grids(options, out) if compare else plan_images(options, out)
+    check_no_images_there([item[-1] for item in plan], overwrite)
     peek_format(lora_file)  # a wrong file fails now, not after loading the model
     console.print(
         f"Loading [bold]{escape(model_cfg.pretrained)}[/] ({str(dtype).removeprefix('torch.')}, "

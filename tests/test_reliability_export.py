@@ -284,3 +284,16 @@ def test_a_model_folder_with_a_code_running_pickle_is_refused(
     )  # fmt: skip
     assert_clean_failure(result, "UNet", "is not a safe format", "will not load")
     assert "weights_only=False" not in result.output and not out.exists()
+
+
+def test_sample_keeps_images_that_are_there_unless_overwrite(run, tmp_path, cli_runner):
+    out = tmp_path / "one.png"
+    args = ["sample", "--lora", str(run), "--prompt", "x", "--steps", "2", "--out", str(out)]
+    assert invoke(cli_runner, args).exit_code == 0
+    before = sha(out)
+    result = invoke(cli_runner, [*args, "--seed", "5"])
+    assert_clean_failure(result, "already exist", "one.png", "--overwrite")
+    assert sha(out) == before
+    result = invoke(cli_runner, [*args, "--seed", "5", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert sha(out) != before

@@ -21,7 +21,7 @@ def _phases(
 ) -> list:
     common = ["--profile", profile, "--output", output, "--cache-dir", cache_dir]
     compare = ["sample", *common, "--lora", output, "--compare", "--out", f"{output}/compare"]
-    compare += ["--steps", str(sample_steps)]
+    compare += ["--steps", str(sample_steps)] + (["--overwrite"] if overwrite else [])
     for prompt in prompts:
         compare += ["--prompt", prompt]
     return [

@@ -104,6 +104,7 @@ def register(cli: click.Group) -> None:
         show_default=True,
         help="auto: fp16 on a GPU, fp32 on the CPU.",
     )
+    @click.option("--overwrite", is_flag=True, help="Replace images already at the output paths.")
     @profile_options
     @click.pass_context
     def sample_cmd(
@@ -124,6 +125,7 @@ def register(cli: click.Group) -> None:
         scales: str,
         low_vram: bool,
         dtype_name: str,
+        overwrite: bool,
         **kwargs: Any,
     ) -> None:
         """Generate images with a trained LoRA.
@@ -159,6 +161,7 @@ def register(cli: click.Group) -> None:
             scales=parse_scales(scales),
             low_vram=low_vram,
             dtype_name=dtype_name,
+            overwrite=overwrite,
         )
         what = "grid" if compare else "image"
         console.print(f"[green]Wrote {len(paths)} {what}{'s' if len(paths) != 1 else ''}:[/]")
