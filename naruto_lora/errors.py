@@ -72,15 +72,14 @@ def os_fault(exc: OSError, doing: str | None = None) -> UserError | None:
     if name not in _OS_FAULTS:
         return None
     what, remedy = _OS_FAULTS[name]
-    path = exc.filename or getattr(exc, "nlora_path", None)
+    path = exc.filename
     where = f" at '{path}'" if path else ""
     action = doing or ("writing" if name in ("ENOSPC", "EDQUOT", "EROFS") else "accessing a file")
     space = _free_space(str(path) if path else None) if name in ("ENOSPC", "EDQUOT") else ""
-    error = UserError(
+    return UserError(
         f"Could not finish {action}{where}: {what}{space}. Files already there were not changed.",
         hint=remedy,
     )
-    return error
 
 
 def unsafe_pickle(exc: Exception, path: object | None = None) -> UserError | None:
@@ -124,7 +123,7 @@ def _safetensors_fault(exc: Exception) -> UserError | None:
     match = re.search(r"code: (\d+)", str(exc))
     if not match:
         return None
-    code = int(match.group(1))
     import os
 
+    code = int(match.group(1))
     return os_fault(OSError(code, os.strerror(code)))
