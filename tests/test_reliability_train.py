@@ -104,6 +104,9 @@ def test_a_second_train_into_a_folder_in_use_is_refused_and_a_killed_holder_free
         result = invoke(cli_runner, args(cache_dir, out))
         assert_clean_failure(result, "is in use by another nlora train", f"process {holder.pid}")
         assert [p.name for p in out.iterdir()] == [LOCK_NAME]  # nothing written
+        several = invoke(cli_runner, [*args(cache_dir, out), "--num-processes", "2"])
+        assert_clean_failure(several, "is in use by another nlora train")  # before any launch
+        assert "Launching" not in several.output
     finally:
         holder.send_signal(signal.SIGKILL)  # kill -9: the lock must not outlive its holder
         holder.wait()

@@ -22,12 +22,14 @@ def _launch(ctx: click.Context, num_processes: int, options: Any, kwargs: dict) 
     """Re-run this command as N processes (see naruto_lora.train.launch)."""
     from naruto_lora.console import console
     from naruto_lora.train.launch import check_process_count, forwarded_args, launch
+    from naruto_lora.train.lock import output_lock_for
     from naruto_lora.train.setup import check_inputs
 
     check_process_count(num_processes, options.device)
     # A bad --set, output folder or --resume fails here, once, rather than in every process.
     profile = load_profile_from_options(kwargs)
-    check_inputs(profile, options, num_processes)
+    with output_lock_for(profile):  # a folder in use by another run: said once, here
+        check_inputs(profile, options, num_processes)
     train = profile.train
     console.print(
         f"Launching {num_processes} training processes through accelerate (effective batch "
