@@ -211,7 +211,9 @@ def export_metadata(
     now = time.time()
     values = {
         "base_model": base_model,
-        "vae": _training_value(weights, "vae") or model_cfg.vae or "(the model's own)",
+        "vae": shareable_model_name(
+            _training_value(weights, "vae") or model_cfg.vae or "(the model's own)"
+        ),
         "architecture": arch,
         "rank": str(rank),
         "alpha": f"{alpha:g}",

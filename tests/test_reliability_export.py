@@ -143,7 +143,7 @@ def test_kohya_metadata_has_the_required_modelspec_keys_and_no_local_paths(
     # The run's weights name the base model as trained: here a local folder path.
     tensors = load_file(str(run / WEIGHT_NAME))
     with safe_open(str(run / WEIGHT_NAME), "pt") as fh:
-        metadata = {**fh.metadata(), "base_model": str(tiny_model_dir)}
+        metadata = {**fh.metadata(), "base_model": str(tiny_model_dir), "vae": "/srv/vaes/my-vae"}
     local = tmp_path / "local-run"
     local.mkdir()
     save_file(tensors, str(local / WEIGHT_NAME), metadata=metadata)
@@ -153,7 +153,7 @@ def test_kohya_metadata_has_the_required_modelspec_keys_and_no_local_paths(
         meta = fh.metadata()
     assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", meta["modelspec.date"])
-    assert meta["ss_sd_model_name"] == tiny_model_dir.name
+    assert meta["ss_sd_model_name"] == tiny_model_dir.name and meta["nlora.vae"] == "my-vae"
     assert not any(str(tmp_path) in v or str(tiny_model_dir) in v for v in meta.values())
 
 
