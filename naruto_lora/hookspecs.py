@@ -35,6 +35,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 LIFECYCLE = (
     "nlora_doctor_checks",
     "nlora_prepare_unet",
+    "nlora_prepare_validation_vae",
     "nlora_train_start",
     "nlora_load_checkpoint_state",
     "nlora_sample_noise",
@@ -61,6 +62,13 @@ def nlora_doctor_checks(facts: dict[str, Any], profile: Profile | None) -> list[
 def nlora_prepare_unet(unet: torch.nn.Module, profile: Profile, training: bool) -> None:
     """Everyone contributes: change the UNet in place after the LoRA is injected and before
     it is wrapped for training or sampling (attention processors, gradient checkpointing)."""
+
+
+@hookspec
+def nlora_prepare_validation_vae(vae: Any, profile: Profile) -> None:
+    """Everyone contributes: change how the VAE that decodes validation samples decodes, in
+    place, once at setup (e.g. tiled decoding); the planner calls it too. Leave its encoding
+    alone: with ``cache.latents = false`` training encodes with the same VAE."""
 
 
 @hookspec

@@ -34,7 +34,7 @@ from naruto_lora.plan_core import PLUGIN_PREFIX, PhasePeak, SimTarget
 from naruto_lora.plan_models import ModelConfigs, load_model_configs
 from naruto_lora.profile import Profile
 
-PLANNER_VERSION = 1
+PLANNER_VERSION = 2  # 2: one steady-state traced step
 CUDA_CONTEXT_GIB = 0.5
 ALLOCATOR_OVERHEAD = 0.10
 # A card sold as N GB reports N minus 0.2-0.35 GiB to torch (8 GB: 7.79, 12 GB: 11.76, 24 GB:

@@ -4,11 +4,11 @@ storage counted.
 ``simulate_training`` builds the profile's models from their configs (no weights: meta device,
 then fake tensors), sets them up with the training loop's own building blocks (``inject_lora``,
 the ``nlora_prepare_unet`` hooks, ``make_optimizer``, the ``nlora_train_start`` hooks one plugin
-at a time so their state is told apart) and runs two micro-steps of the loop's own
-``compute_loss`` with backward and the optimizer update (clip, step, zero-grad,
-``nlora_after_optimizer_step``), then one validation denoising step and VAE decode as
-``nlora train`` draws its samples (``train.validation.generate_images``). ``AllocationTracker``
-keeps the peak and its split.
+at a time so their state is told apart), puts the optimizer in its steady state and runs one
+micro-step of the loop's own ``compute_loss`` with backward and the optimizer update (clip,
+step, zero-grad, ``nlora_after_optimizer_step``), then one validation denoising step and VAE
+decode as ``nlora train`` draws its samples (``train.validation.generate_images``).
+``AllocationTracker`` keeps the peak and its split.
 
 The same code runs on real tensors (``SimTarget(fake=False)``) with the model loaded from its
 folder: the tests compare the two on the tiny model.
@@ -168,6 +168,8 @@ def setup(
     vae = None
     if not profile.cache.latents or profile.validation.every_steps > 0:
         vae = build_vae(profile, configs, tracker, dtype, target.fake)
+        if profile.validation.every_steps > 0 and profile.validation.prompts:
+            pm.hook.nlora_prepare_validation_vae(vae=vae, profile=profile)
     if not profile.cache.latents:
         conditioner.vae = vae
         conditioner.scaling_factor = float(configs.vae["scaling_factor"])
@@ -242,17 +244,29 @@ def validation_sample(run: SimpleNamespace) -> None:
         unet.train()
 
 
-def two_steps(
+def prime_optimizer(run: SimpleNamespace) -> None:
+    """Put the optimizer in its steady state before the traced micro-step: its state created
+    by one update on zero gradients, as after a run's first update (no UNet pass needed)."""
+    with run.tracker.labelled(GRADS):
+        for p in run.state.lora_parameters:
+            p.grad = torch.zeros_like(p)
+    with run.tracker.labelled(OPTIMIZER):
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def steady_step(
     run: SimpleNamespace, batch: dict[str, Any], accumulating: bool, announce: Any
 ) -> FlopCounter:
-    """Micro-step, update; micro-step (FLOPs counted), update."""
-    announce("training step 1")
-    with run.tracker.in_phase("step 1"):
-        micro_step(run, batch, window_started=False)
-        optimizer_update(run)
-    announce("training step 2")
+    """One traced micro-step that holds everything a steady-state micro-step holds: the
+    optimizer state from earlier updates and, when accumulating, the window's earlier
+    gradients; then the update (FLOPs counted in the micro-step). One UNet pass instead of two:
+    a run's first micro-step holds less than this one, never more."""
+    announce("training step")
+    with run.tracker.in_phase("optimizer state"):
+        prime_optimizer(run)
     counter = FlopCounter()
-    with run.tracker.in_phase("step 2"), counter:
+    with run.tracker.in_phase("step"), counter:
         micro_step(run, batch, window_started=accumulating)
     optimizer_update(run)
     return counter
@@ -267,8 +281,8 @@ def simulate_training(
     validation: bool = True,
     on_phase: Any = None,
 ) -> TrainingSim:
-    """Two training micro-steps (the first ending its window with an optimizer update, the second
-    with the window's earlier gradients held when accumulating), then a validation sample."""
+    """One steady-state training micro-step (optimizer state present, the window's earlier
+    gradients held when accumulating) with its update, then a validation sample."""
     from naruto_lora.plugins import build_plugin_manager
 
     started = time.perf_counter()
@@ -285,7 +299,7 @@ def simulate_training(
             run = setup(profile, configs, pm, tracker, target)
         hooks = label_gradients(run.state.lora_parameters, tracker)
         batch = make_batch(profile, configs, run.conditioner)
-        counter = two_steps(run, batch, accumulating, announce)
+        counter = steady_step(run, batch, accumulating, announce)
         for hook in hooks:
             hook.remove()
         training = PhasePeak.of("training step", tracker)

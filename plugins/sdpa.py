@@ -71,8 +71,13 @@ def kernel_runs(
         from torch.nn.attention import sdpa_kernel
 
         try:
+            # Its own generator: drawing from the global one would shift every later draw, and
+            # a resumed run (which probes at another moment) would not repeat the original.
+            generator = torch.Generator(device=device).manual_seed(0)
             q, k, v = (
-                torch.randn(1, 2, 16, head_dim, device=device, dtype=dtype).requires_grad_(backward)
+                torch.randn(
+                    1, 2, 16, head_dim, generator=generator, device=device, dtype=dtype
+                ).requires_grad_(backward)
                 for _ in range(3)
             )
             with sdpa_kernel([sdpa_backend(name)]):
@@ -115,29 +120,45 @@ def _processor_base() -> type:
 
 
 class KernelChoice:
-    """The chosen kernel per (device type, dtype) the attention sees, decided on first sight."""
+    """The chosen kernel per (device, dtype, fake) the attention sees, decided on first sight.
+
+    Under the planner's fake CPU tensors, which stand in for CUDA ones, the CPU's flash kernel
+    stands in for every fused CUDA kernel (flash, memory-efficient, cuDNN: all keep O(tokens)
+    memory), and ``math`` stays math (the O(tokens^2) attention matrix)."""
 
     def __init__(self, backend: str, announce: Any = None) -> None:
         self.backend = backend
         self.announce = announce or (lambda text: None)
-        self.chosen: dict[tuple[str, torch.dtype], list[Any]] = {}  # (device, dtype)
-        self.names: dict[tuple[str, torch.dtype], str] = {}
+        self.chosen: dict[tuple[str, torch.dtype, bool], list[Any]] = {}
+        self.names: dict[tuple[str, torch.dtype, bool], str] = {}
 
     def backends_for(self, query: torch.Tensor, head_dim: int) -> list[Any]:
-        key = (str(query.device), query.dtype)
+        key = (str(query.device), query.dtype, _is_fake(query))
         found = self.chosen.get(key)
         if found is None:
             found = self._decide(key, head_dim)
         return found
 
     @torch.compiler.disable
-    def _decide(self, key: tuple[str, torch.dtype], head_dim: int) -> list[Any]:
-        name = choose_kernel(self.backend, key[0], key[1], head_dim)
+    def _decide(self, key: tuple[str, torch.dtype, bool], head_dim: int) -> list[Any]:
+        device, dtype, fake = key
+        if fake:
+            name = "math" if self.backend == "math" else "flash"
+        else:
+            name = choose_kernel(self.backend, device, dtype, head_dim)
+            how = "auto: the best that runs" if self.backend == "auto" else "as configured"
+            self.announce(
+                f"Attention: the {name} kernel on {device} "
+                f"{str(dtype).removeprefix('torch.')} ({how})."
+            )
         self.chosen[key], self.names[key] = [sdpa_backend(name)], name
-        dtype = str(key[1]).removeprefix("torch.")
-        how = "auto: the best that runs" if self.backend == "auto" else "as configured"
-        self.announce(f"Attention: the {name} kernel on {key[0]} {dtype} ({how}).")
         return self.chosen[key]
+
+
+def _is_fake(tensor: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(tensor, FakeTensor)
 
 
 def make_kernel_processor(choice: KernelChoice) -> Any:

@@ -132,3 +132,21 @@ def test_a_kernel_that_does_not_run_here_is_a_user_error(unet) -> None:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+
+
+def test_the_planner_counts_fused_kernels_as_fused_and_math_as_math(tiny_model_dir) -> None:
+    """On the planner's fake tensors every fused CUDA kernel (also those the CPU lacks) is
+    counted as the CPU flash kernel, O(tokens) memory; math keeps its attention matrix."""
+    from naruto_lora.plan_models import load_model_configs
+    from naruto_lora.plan_sim import simulate_training
+
+    peaks = {}
+    for backend in ("efficient", "flash", "math"):
+        profile = load_profile(
+            "tiny",
+            enable=["sdpa"],
+            overrides=[f'plugins.sdpa.backend="{backend}"'],
+        )
+        sim = simulate_training(profile, load_model_configs(profile.model), validation=False)
+        peaks[backend] = sim.training.split["activations"]
+    assert peaks["efficient"] == peaks["flash"] < peaks["math"]

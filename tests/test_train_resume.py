@@ -82,7 +82,12 @@ def test_stop_and_resume_equals_one_run_bit_for_bit(cache_dir: Path, tmp_path: P
     second = train(two, TrainOptions(device="cpu", resume="latest"), pm=pm)
     assert (second.global_step, second.interrupted) == (4, None)
     called = recorder.first_calls()
-    assert called[:3] == ["nlora_prepare_unet", "nlora_train_start", "nlora_load_checkpoint_state"]
+    assert called[:4] == [
+        "nlora_prepare_unet",
+        "nlora_prepare_validation_vae",
+        "nlora_train_start",
+        "nlora_load_checkpoint_state",
+    ]
     assert called == [h for h in hookspecs.LIFECYCLE if h in called]
 
     expected, got = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")

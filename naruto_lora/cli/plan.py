@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from naruto_lora.plan import Plan
     from naruto_lora.plan_fit import FitResult
 
-PHASES = ("building the models", "training step 1", "training step 2", "validation sample")
+PHASES = ("building the models", "training step", "validation sample")
 
 
 def register(cli: click.Group) -> None:
@@ -60,7 +60,7 @@ def register(cli: click.Group) -> None:
     ) -> None:
         """PREDICT the peak GPU memory of a profile's training on the full-size model.
 
-        Runs two real training steps and a validation sample of the profile on fake tensors
+        Runs a real training step and a validation sample of the profile on fake tensors
         (shapes, no data) and counts every allocation; prints the peak split into weights,
         LoRA and optimizer state, plugin state, text encoders, VAE and activations, plus a
         stated allowance for the CUDA context and the allocator. Also predicts `nlora sample`
@@ -210,6 +210,11 @@ def _show_plan(plan: Plan, vram: float | None, as_json: bool) -> None:
     for note in plan.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     console.print(f"Settings: {escape(settings_line(plan.settings))}.")
+    targets = ", ".join(plan.settings["target_modules"])
+    console.print(
+        f"LoRA: [bold]{plan.lora_parameters:,}[/] trainable parameters "
+        f"(rank {plan.settings['rank']} on {escape(targets)})."
+    )
     console.print(plan_table(plan))
     accumulation = plan.settings["gradient_accumulation_steps"]
     console.print(

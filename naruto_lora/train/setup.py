@@ -253,7 +253,11 @@ def make_conditioner(
 
 
 def make_validation(
-    profile: Profile, conditioner: Conditioner, device: torch.device, weight_dtype: torch.dtype
+    profile: Profile,
+    conditioner: Conditioner,
+    device: torch.device,
+    weight_dtype: torch.dtype,
+    pm: Any = None,
 ) -> Validation | None:
     cfg = profile.validation
     if cfg.every_steps <= 0 or not cfg.prompts:
@@ -264,6 +268,8 @@ def make_validation(
         if conditioner.vae is not None
         else load_vae_for(profile, device, weight_dtype)
     )
+    if pm is not None:
+        pm.hook.nlora_prepare_validation_vae(vae=vae, profile=profile)
     return Validation(
         prompts=tuple(cfg.prompts),
         prompt_embeds=embeds,
@@ -309,7 +315,7 @@ def setup_run(profile: Profile, options: TrainOptions, pm: Any = None) -> Run:
     conditioner = make_conditioner(profile, device, weight_dtype, generator)
     validation = None  # samples are drawn by the main process only
     if accelerator.is_main_process:
-        validation = make_validation(profile, conditioner, device, weight_dtype)
+        validation = make_validation(profile, conditioner, device, weight_dtype, pm)
     optimizer = make_optimizer(params, profile.train, device)
     lr_scheduler = make_lr_scheduler(optimizer, profile.train, total_steps)
     apply_speed_options(unet, profile.train, device)
