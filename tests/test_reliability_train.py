@@ -453,3 +453,21 @@ def test_a_run_a_step_short_of_many_is_done_with_a_warning() -> None:
     check_ran_to_the_end(1999, 2000, guard, None)  # within 5%: done
     with pytest.raises(UserError, match="ended after 1800 of 2000 steps"):
         check_ran_to_the_end(1800, 2000, guard, None)
+
+
+def test_plugins_that_compute_the_same_training_may_change_on_resume() -> None:
+    from naruto_lora.profile import load_profile
+    from naruto_lora.train.resume import settings_changes
+
+    class Tiling:
+        changes_training = False  # validation-only: says so itself
+
+    class Noise:
+        pass
+
+    before = load_profile("tiny", disable=["sdpa", "offset_noise"]).to_dict()
+    after = load_profile("tiny", enable=["sdpa", "offset_noise"]).to_dict()
+    keys = {c.key for c in settings_changes(before, after, {"sdpa": Tiling, "offset_noise": Noise})}
+    assert keys == {"plugins.offset_noise.enabled"}
+    keys = {c.key for c in settings_changes(before, after)}  # unknown: every change counts
+    assert keys == {"plugins.offset_noise.enabled", "plugins.sdpa.enabled"}

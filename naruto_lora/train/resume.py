@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,14 +95,31 @@ def _is_free(key: str, saved: dict[str, Any], now: dict[str, Any]) -> bool:
     )
 
 
-def settings_changes(saved_table: dict[str, Any], current_table: dict[str, Any]) -> list[Change]:
+def _free_plugins(plugin_classes: Mapping[str, type] | None) -> set[str]:
+    """Plugins that say they compute the same training (a speed or memory switch, validation
+    only): a class attribute ``changes_training = False``. Any other plugin change counts."""
+    return {
+        name
+        for name, cls in (plugin_classes or {}).items()
+        if getattr(cls, "changes_training", True) is False
+    }
+
+
+def settings_changes(
+    saved_table: dict[str, Any],
+    current_table: dict[str, Any],
+    plugin_classes: Mapping[str, type] | None = None,
+) -> list[Change]:
     """Changed keys that make the resumed run another one than the checkpoint's (identity keys
     are checked elsewhere and left out)."""
     saved, now = flatten(saved_table), flatten(current_table)
     identity = set(run_identity(current_table))
+    free_plugins = _free_plugins(plugin_classes)
     changes = []
     for key in sorted(set(saved) | set(now)):
         if key in identity or saved.get(key) == now.get(key) or _is_free(key, saved, now):
+            continue
+        if key.startswith("plugins.") and key.split(".")[1] in free_plugins:
             continue
         changes.append(Change(key, saved.get(key), now.get(key)))
     return changes
@@ -126,7 +144,9 @@ def check_resume_settings(
     saved = saved_profile(info, output_dir)
     if saved is None:
         return []
-    changes = settings_changes(saved, profile.to_dict())
+    from naruto_lora.plugins import discover_plugins
+
+    changes = settings_changes(saved, profile.to_dict(), discover_plugins())
     if changes and not allow:
         raise UserError(
             f"Resuming from '{path}' with other settings than the run it belongs to, so the "
