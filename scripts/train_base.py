@@ -201,6 +201,8 @@ def train_vae(args, log) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
+        # Set after the step (so the first step runs at the base rate): the committed VAE was
+        # trained so; the decoder and UNet stages warm up from their first step.
         for group in opt.param_groups:
             group["lr"] = cosine_lr(args.vae_lr, step, args.vae_steps, 100)
         if step % 50 == 0:
@@ -252,9 +254,11 @@ def train_decoder(args, log) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        # Warm up from the first step: Adam's first update moves every weight by about the
+        # learning rate, which at full rate undoes much of a trained decoder.
         for group in opt.param_groups:
             group["lr"] = cosine_lr(args.decoder_lr, step, args.decoder_steps, 50)
+        opt.step()
         if step % 50 == 0:
             log(f"decoder step {step} loss {loss.item():.4f} {time.time() - start:.0f}s")
         if step % args.eval_every == 0 or step == args.decoder_steps:
@@ -451,9 +455,9 @@ def train_unet(unet, latents, caption_idx, embeds, pooled, args, on_checkpoint, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        for group in opt.param_groups:
+        for group in opt.param_groups:  # warm-up from the very first step
             group["lr"] = cosine_lr(args.unet_lr, step, args.unet_steps, args.unet_warmup, 0.1)
+        opt.step()
         ema_update(ema, unet, min(args.ema_decay, (1 + step) / (10 + step)))
         if step % 25 == 0:
             log(

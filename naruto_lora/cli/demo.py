@@ -17,11 +17,13 @@ def _phases(
     steps: int,
     prompts: tuple[str, ...],
     sample_steps: int,
+    guidance: float,
     overwrite: bool = False,
 ) -> list:
     common = ["--profile", profile, "--output", output, "--cache-dir", cache_dir]
     compare = ["sample", *common, "--lora", output, "--compare", "--out", f"{output}/compare"]
-    compare += ["--steps", str(sample_steps)] + (["--overwrite"] if overwrite else [])
+    compare += ["--steps", str(sample_steps), "--guidance", str(guidance)]
+    compare += ["--overwrite"] if overwrite else []
     for prompt in prompts:
         compare += ["--prompt", prompt]
     return [
@@ -96,6 +98,7 @@ def register(cli: click.Group) -> None:
             steps,
             prompts,
             profile.validation.num_inference_steps,
+            profile.validation.guidance_scale,
             overwrite,
         ):
             command = cli.get_command(ctx, args[0])
