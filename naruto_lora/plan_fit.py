@@ -2,8 +2,9 @@
 
 The search varies the profile's memory options: resolution, LoRA rank, gradient checkpointing,
 where text embeddings come from, where plugin state lives (a plugin whose config has a
-``device`` that can be ``"cpu"``, e.g. EMA), the 8-bit optimizer, validation samples, and the
-split of the effective batch into micro-batch x accumulation (the product is kept).
+``device`` that can be ``"cpu"``, e.g. EMA), the 8-bit optimizer, validation samples (and
+decoding them in tiles, the ``vae_tiling`` plugin), and the split of the effective batch into
+micro-batch x accumulation (the product is kept).
 
 How it decides:
 
@@ -34,6 +35,7 @@ from naruto_lora.plan_core import PLUGIN_PREFIX
 from naruto_lora.profile import Profile, apply_override, validate
 
 CHECKPOINTING = "gradient_checkpointing"
+TILING = "vae_tiling"  # a plugin whose validation decode goes tile by tile
 MIN_RESOLUTION, RESOLUTION_STEP = 512, 128
 MIN_RANK = 4
 MAX_MICRO_BATCH = 8
@@ -60,6 +62,7 @@ class Candidate:
     batch_size: int
     accumulation: int
     validation: bool
+    tiled_decode: bool = False
 
     def assignments(self, base: Profile) -> dict[str, Any]:
         """Profile keys -> values for this candidate (every searched key)."""
@@ -79,6 +82,8 @@ class Candidate:
             values[f"plugins.{name}.device"] = device
         if not self.validation:
             values["validation.every_steps"] = 0
+        elif self.tiled_decode:
+            values[f"plugins.{TILING}.enabled"] = True
         return values
 
 
@@ -140,7 +145,9 @@ def candidates(profile: Profile) -> Iterator[Candidate]:
     checkpointing = [True, False] if CHECKPOINTING in profile.plugins else [_checkpointing(profile)]
     devices = [[(n, d) for d in ("same", "cpu")] for n in device_plugins(profile)]
     validation = [True, False] if profile.validation.every_steps > 0 else [False]
-    for res, rank, ckpt, text, devs, opt, (batch, accum), val in itertools.product(
+    tiled = _tiled(profile)
+    tilings = [tiled] if tiled or TILING not in profile.plugins else [False, True]
+    for res, rank, ckpt, text, devs, opt, (batch, accum), val, tile in itertools.product(
         resolutions,
         ranks,
         checkpointing,
@@ -149,8 +156,16 @@ def candidates(profile: Profile) -> Iterator[Candidate]:
         ("adamw", "adamw8bit"),
         batch_splits(profile),
         validation,
+        tilings,
     ):
-        yield Candidate(res, rank, ckpt, text, tuple(devs), opt, batch, accum, val)
+        if tile and not val:
+            continue  # tiles only matter for validation samples
+        yield Candidate(res, rank, ckpt, text, tuple(devs), opt, batch, accum, val, tile)
+
+
+def _tiled(profile: Profile) -> bool:
+    settings = profile.plugins.get(TILING)
+    return bool(settings and settings.enabled)
 
 
 def _checkpointing(profile: Profile) -> bool:
@@ -200,7 +215,13 @@ class MemoryModel:
         )
         peak = resident + train
         if c.validation:
-            sample = self.lora_state(c, False) + self.validation_activations * scale
+            activations = self.validation_activations * scale
+            if c.tiled_decode and not _tiled(self.base):
+                # The decode's activations shrink to one tile's (the confirming planner run
+                # checks: the denoising step may then be the larger part).
+                tile_px = self.base.plugins[TILING].config.tile_px
+                activations *= min(1.0, (tile_px / c.resolution) ** 2)
+            sample = self.lora_state(c, False) + activations
             peak = max(peak, resident + sample)
         return peak
 
@@ -236,6 +257,7 @@ def current_candidate(profile: Profile) -> Candidate:
         profile.train.batch_size,
         profile.train.gradient_accumulation_steps,
         profile.validation.every_steps > 0,
+        profile.validation.every_steps > 0 and _tiled(profile),
     )
 
 
