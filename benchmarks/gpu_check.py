@@ -456,6 +456,9 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, out_dir
             isinstance(v, float) and v == v and abs(v) != float("inf") for v in result["losses"]
         ),
     )
+    run.accelerator.free_memory()  # accelerate keeps the prepared model and optimizer
+    if compile_case:
+        torch._dynamo.reset()  # compiled graphs hold the model too
     del run, batches
     reset_memory(device)
     return result
