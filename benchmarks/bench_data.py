@@ -213,7 +213,7 @@ def bench_training(folder: Path, steps: int) -> dict[str, float]:
     )
     from naruto_lora.profile import load_profile
 
-    profile = load_profile("tiny", overrides=[f'cache.dir="{folder / "tiny"}"'])
+    profile = load_profile("smoke", overrides=[f'cache.dir="{folder / "smoke"}"'])
     dataset = build_train_dataset(profile, ensure_latent_cache(profile), ensure_text_cache(profile))
     started, count = time.perf_counter(), 0
     for epoch in range(20):

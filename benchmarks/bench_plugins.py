@@ -34,7 +34,7 @@ PLUGINS = ("ema", "min_snr", "offset_noise", "sdpa")
 
 def train_command(args: argparse.Namespace, tmp: Path, steps: int, plugins: bool) -> list[str]:
     out = tempfile.mkdtemp(prefix="out-", dir=tmp)
-    cmd = [sys.executable, "-m", "naruto_lora", "train", "-p", "tiny", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "naruto_lora", "train", "-p", "smoke", "--device", "cpu"]
     cmd += ["--output", out, "--cache-dir", str(tmp / "cache")]
     for setting in (
         f"data.resolution={args.resolution}",
@@ -81,7 +81,7 @@ def in_process_steps(args: argparse.Namespace, tmp: Path) -> dict[str, dict]:
     for _ in range(args.repeat):
         for name, plugins in (("no plugins", False), ("tiny's plugins", True)):
             spec = {
-                "profile": "tiny",
+                "profile": "smoke",
                 "overrides": loop_settings(args, tmp, plugins),
                 "loop": "ours",
                 "device": "cpu",

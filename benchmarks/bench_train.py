@@ -486,7 +486,7 @@ def worker(spec: dict[str, Any]) -> None:
 
 def tiny_runs(tmp: Path, args: argparse.Namespace) -> list[tuple[str, str, list[str], int, int]]:
     updates, warmup = args.updates or 20, args.warmup if args.warmup is not None else 3
-    overrides = with_variants(run_overrides(tmp, "tiny", updates + warmup), args.variant)
+    overrides = with_variants(run_overrides(tmp, "smoke", updates + warmup), args.variant)
     return [("tiny", "tiny", overrides, updates, warmup)]
 
 

@@ -34,7 +34,7 @@ from common import child_cpu_s, machine, marginal_steps  # noqa: E402
 
 def ours(args: argparse.Namespace, tmp: Path, steps: int) -> list[str]:
     out = tempfile.mkdtemp(prefix="nlora-", dir=tmp)
-    cmd = [sys.executable, "-m", "naruto_lora", "train", "-p", "tiny", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "naruto_lora", "train", "-p", "smoke", "--device", "cpu"]
     cmd += ["--output", out, "--cache-dir", str(tmp / "cache")]
     for setting in (
         f"data.resolution={args.resolution}",

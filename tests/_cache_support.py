@@ -14,7 +14,7 @@ def make_profile(data: Path | str, cache_dir: Path, *overrides: str):
     from naruto_lora.profile import load_profile
 
     return load_profile(
-        "tiny",
+        "smoke",
         overrides=[
             f"data.source={json.dumps(str(data))}",
             f"cache.dir={json.dumps(str(cache_dir))}",

@@ -56,7 +56,7 @@ def training_metadata(steps: int = 40, rank: int = 4, alpha: float = 2.0) -> dic
     return {
         "base_model": "nlora:tiny",
         "vae": "(the model's own)",
-        "profile": "tiny",
+        "profile": "smoke",
         "rank": str(rank),
         "alpha": f"{alpha:g}",
         "resolution": "64",
@@ -97,7 +97,7 @@ def make_output(
             step_dir, lora.lora_state_dict(unet), meta, training_metadata(rank=rank, alpha=alpha)
         )
     profile = load_profile(
-        "tiny",
+        "smoke",
         overrides=[
             f"model.pretrained={str(model_dir)!r}",
             f"lora.rank={rank}",

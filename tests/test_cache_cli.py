@@ -21,7 +21,7 @@ def out(result) -> str:
 def common(data, cache_dir) -> list[str]:
     return [
         "--profile",
-        "tiny",
+        "smoke",
         "--data",
         str(data),
         "--cache-dir",

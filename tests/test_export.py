@@ -189,7 +189,7 @@ def test_every_export_carries_training_metadata(fmt, run, tmp_path, cli_runner):
     with safe_open(str(path), "pt") as fh:
         meta = fh.metadata()
     expected = {"nlora.base_model": "nlora:tiny", "nlora.rank": "4", "nlora.alpha": "2",
-                "nlora.resolution": "64", "nlora.steps": "40", "nlora.profile": "tiny",
+                "nlora.resolution": "64", "nlora.steps": "40", "nlora.profile": "smoke",
                 "nlora.training_seconds": "12.5", "nlora.format": fmt, "nlora.dtype": "fp16",
                 "nlora.architecture": "sdxl-architecture-custom/lora",
                 "ss_network_dim": "4", "ss_network_alpha": "2"}  # fmt: skip
@@ -272,7 +272,7 @@ def test_kohya_file_for_another_model(tmp_path, tiny_model_dir):
     name = "lora_unet_down_blocks_3_attentions_0_transformer_blocks_0_attn1_to_q"
     save_file({f"{name}.lora_down.weight": torch.zeros(4, 320), f"{name}.lora_up.weight": torch.zeros(320, 4),
                f"{name}.alpha": torch.tensor(4.0)}, str(path))  # fmt: skip
-    profile = load_profile("tiny", overrides=[f"model.pretrained={str(tiny_model_dir)!r}"])
+    profile = load_profile("smoke", overrides=[f"model.pretrained={str(tiny_model_dir)!r}"])
     with pytest.raises(UserError, match="name no layer of the base UNet"):
         export_lora(
             lora_file=path, fmt="kohya", out=tmp_path / "o.safetensors", model_cfg=profile.model
@@ -369,7 +369,7 @@ def test_mixed_ranks_and_alphas_survive_every_format(tmp_path, tiny_model_dir):
     source = tmp_path / "mixed.safetensors"
     save_file(tensors, str(source))
 
-    profile = load_profile("tiny", overrides=[f"model.pretrained={str(tiny_model_dir)!r}"])
+    profile = load_profile("smoke", overrides=[f"model.pretrained={str(tiny_model_dir)!r}"])
     for fmt in ("kohya", "diffusers", "peft", "merged"):
         out = tmp_path / (f"{fmt}.safetensors" if fmt in ("kohya", "diffusers") else fmt)
         export_lora(lora_file=source, fmt=fmt, out=out, model_cfg=profile.model, dtype_name="fp32")

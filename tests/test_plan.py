@@ -16,7 +16,7 @@ from tests.conftest import invoke
 def tiny_configs(tiny_model_dir):
     from naruto_lora.plan_models import load_model_configs
 
-    return load_model_configs(load_profile("tiny").model)
+    return load_model_configs(load_profile("smoke").model)
 
 
 @pytest.mark.parametrize(
@@ -33,7 +33,7 @@ def test_prediction_matches_a_real_run_of_the_same_step(tiny_configs, overrides)
     from naruto_lora.plan_core import SimTarget
     from naruto_lora.plan_sim import simulate_training
 
-    profile = load_profile("tiny", overrides=overrides)
+    profile = load_profile("smoke", overrides=overrides)
     predicted = simulate_training(profile, tiny_configs, target=SimTarget("cpu", fake=True))
     measured = simulate_training(profile, tiny_configs, target=SimTarget("cpu", fake=False))
     assert predicted.training.peak_bytes == pytest.approx(measured.training.peak_bytes, rel=0.01)
@@ -53,7 +53,7 @@ def test_state_sizes_follow_from_the_parameter_counts(tiny_configs):
     8 and 4 bytes per LoRA parameter (plus the allocator's 512-byte rounding per tensor)."""
     from naruto_lora.plan_sim import simulate_training
 
-    profile = load_profile("tiny", overrides=["train.gradient_accumulation_steps=2"])
+    profile = load_profile("smoke", overrides=["train.gradient_accumulation_steps=2"])
     sim = simulate_training(profile, tiny_configs, validation=False)
     split, n = sim.training.split, sim.lora_parameters
     tensors = 2 * 8 * 10  # generous bound on per-tensor rounding: A and B of each target
@@ -71,7 +71,7 @@ def test_plan_report_arithmetic_and_cache(tiny_configs, tiny_model_dir):
         plan_profile,
     )
 
-    profile = load_profile("tiny")
+    profile = load_profile("smoke")
     plan = plan_profile(profile, sampling=False, use_cache=False)
     peak = plan.run_peak.peak_bytes
     assert plan.run_peak.peak_bytes == max(plan.training.peak_bytes, plan.validation.peak_bytes)
@@ -86,7 +86,7 @@ def test_plan_report_arithmetic_and_cache(tiny_configs, tiny_model_dir):
 def test_sampling_predictions_low_vram_needs_less(tiny_configs):
     from naruto_lora.plan_pipeline import simulate_sampling
 
-    profile = load_profile("tiny")
+    profile = load_profile("smoke")
     full = simulate_sampling(profile, tiny_configs, low_vram=False)
     low = simulate_sampling(profile, tiny_configs, low_vram=True)
     assert "weights" in full.split and "text_encoders" in full.split
@@ -103,7 +103,7 @@ def test_fit_output_reproduces_the_configuration(tiny_model_dir, tmp_path):
     from naruto_lora.profile import parse_set
 
     profile = load_profile(
-        "tiny", overrides=["train.batch_size=2", "train.gradient_accumulation_steps=2"]
+        "smoke", overrides=["train.batch_size=2", "train.gradient_accumulation_steps=2"]
     )
     result = fit_profile(profile, 2.0)
     assert result.plan.need_gib <= result.capacity_gib
@@ -112,10 +112,10 @@ def test_fit_output_reproduces_the_configuration(tiny_model_dir, tmp_path):
     sets = [tokens[i + 1] for i, t in enumerate(tokens) if t == "--set"]
     assert all(parse_set(s) for s in sets)
     base = ["train.batch_size=2", "train.gradient_accumulation_steps=2"]
-    from_line = load_profile("tiny", overrides=base + sets)
+    from_line = load_profile("smoke", overrides=base + sets)
     assert from_line.to_dict() | {"name": ""} == result.profile.to_dict() | {"name": ""}
     path = tmp_path / "fitted.toml"
-    path.write_text(profile_toml(result, "tiny"))
+    path.write_text(profile_toml(result, "smoke"))
     from_file = load_profile(str(path))
     for section in ("data", "cache", "lora", "train", "validation"):
         assert from_file.to_dict()[section] == result.profile.to_dict()[section], section
@@ -123,21 +123,21 @@ def test_fit_output_reproduces_the_configuration(tiny_model_dir, tmp_path):
 
 
 def test_cli_plan_prints_a_prediction_and_checks_a_card(cli_runner, tiny_model_dir):
-    result = invoke(cli_runner, ["plan", "--profile", "tiny", "--no-sample", "--vram", "8"])
+    result = invoke(cli_runner, ["plan", "--profile", "smoke", "--no-sample", "--vram", "8"])
     assert result.exit_code == 0, result.output
     assert "PREDICTION" in result.output
     assert "fits" in result.output
-    result = invoke(cli_runner, ["plan", "--profile", "tiny", "--no-sample", "--json"])
+    result = invoke(cli_runner, ["plan", "--profile", "smoke", "--no-sample", "--json"])
     data = json.loads(result.output)
     assert data["prediction"] is True
     assert data["need_gib"] > data["tracked_peak_gib"] > 0
 
 
 def test_cli_plan_rejects_nonsense(cli_runner):
-    result = invoke(cli_runner, ["plan", "--profile", "tiny", "--save", "x.toml"])
+    result = invoke(cli_runner, ["plan", "--profile", "smoke", "--save", "x.toml"])
     assert result.exit_code != 0
     assert "--fit" in result.output
-    result = invoke(cli_runner, ["plan", "--profile", "tiny", "--vram", "0"])
+    result = invoke(cli_runner, ["plan", "--profile", "smoke", "--vram", "0"])
     assert result.exit_code != 0
     assert "--vram" in result.output
 

@@ -29,7 +29,7 @@ def test_benchmark_loops_run_on_the_tiny_model(
     from naruto_lora.profile import load_profile
 
     overrides = bench.run_overrides(tmp_path, loop, 2) + ["data.max_items=8"]
-    profile = load_profile("tiny", overrides=overrides)
+    profile = load_profile("smoke", overrides=overrides)
     if loop == "ours":
         result = bench.time_our_loop(profile, "cpu", updates=1, warmup=1)
     else:
@@ -45,7 +45,7 @@ def test_benchmark_loops_run_on_the_tiny_model(
 def test_every_speed_variant_is_a_profile_setting(bench) -> None:
     from naruto_lora.profile import load_profile
 
-    profile = load_profile("tiny", overrides=bench.with_variants([], list(bench.VARIANTS)))
+    profile = load_profile("smoke", overrides=bench.with_variants([], list(bench.VARIANTS)))
     train = profile.train
     assert (train.compile, train.channels_last, train.allow_tf32) == (True, True, True)
     assert train.fused_optimizer is False and train.mixed_precision == "bf16"

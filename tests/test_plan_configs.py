@@ -78,7 +78,7 @@ def test_vae_config_matches_sdxl_scale(configs):
 def test_local_folder_configs_are_read_not_assumed(tiny_model_dir):
     from naruto_lora.plan_models import load_model_configs
 
-    profile = load_profile("tiny")
+    profile = load_profile("smoke")
     found = load_model_configs(profile.model, str(tiny_model_dir))
     on_disk = json.loads((tiny_model_dir / "unet" / "config.json").read_text())
     assert found.unet["block_out_channels"] == on_disk["block_out_channels"]
@@ -110,4 +110,4 @@ def test_a_non_sdxl_folder_is_a_user_error(tmp_path, tiny_model_dir):
     config["addition_embed_type"] = None
     (folder / "unet" / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="not an SDXL-architecture"):
-        load_model_configs(load_profile("tiny").model, str(folder))
+        load_model_configs(load_profile("smoke").model, str(folder))

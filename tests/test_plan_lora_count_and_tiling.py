@@ -15,10 +15,10 @@ def test_plan_prints_the_trainable_lora_parameter_count(cli_runner, tiny_model_d
 
     from naruto_lora.lora import inject_lora
 
-    profile = load_profile("tiny")
+    profile = load_profile("smoke")
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
     count = sum(p.numel() for p in inject_lora(unet, profile.lora))
-    result = invoke(cli_runner, ["plan", "--profile", "tiny", "--no-sample", "--no-cache"])
+    result = invoke(cli_runner, ["plan", "--profile", "smoke", "--no-sample", "--no-cache"])
     assert result.exit_code == 0, result.output
     assert f"LoRA: {count:,} trainable parameters (rank 4 on to_q, to_k" in result.output
 

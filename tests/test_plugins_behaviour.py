@@ -20,7 +20,7 @@ T = 1000
 
 
 def make_state(unet: torch.nn.Module | None = None, scheduler=None) -> TrainState:
-    profile = load_profile("tiny")
+    profile = load_profile("smoke")
     unet = unet if unet is not None else torch.nn.Linear(2, 2)
     params = [p for p in unet.parameters() if p.requires_grad]
     return TrainState(
@@ -37,10 +37,10 @@ def make_state(unet: torch.nn.Module | None = None, scheduler=None) -> TrainStat
 def pm_with(*enabled: str, **overrides: str):
     sets = [f"plugins.{k.replace('__', '.')}={v}" for k, v in overrides.items()]
     profile = load_profile(
-        "tiny",
+        "smoke",
         overrides=sets,
         enable=list(enabled),
-        disable=[n for n in load_profile("tiny").enabled_plugins() if n not in enabled],
+        disable=[n for n in load_profile("smoke").enabled_plugins() if n not in enabled],
     )
     return build_plugin_manager(profile)
 
@@ -159,7 +159,7 @@ def lora_unet(tiny_model_dir: Path):
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
-    inject_lora(unet, load_profile("tiny").lora)
+    inject_lora(unet, load_profile("smoke").lora)
     return unet
 
 
@@ -265,7 +265,7 @@ def test_sdpa_sets_torch_sdpa_processors_and_reports_in_doctor(tiny_model_dir: P
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
     unet.set_attn_processor(AttnProcessor())  # start from the plain processor
-    profile = load_profile("tiny", enable=["sdpa"])
+    profile = load_profile("smoke", enable=["sdpa"])
     pm = build_plugin_manager(profile)
     pm.hook.nlora_prepare_unet(unet=unet, profile=profile, training=True)
     assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
@@ -283,7 +283,7 @@ def test_sdpa_xformers_missing_is_a_user_error(tiny_model_dir: Path, monkeypatch
         importlib.util, "find_spec", lambda n, *a: None if n == "xformers" else real(n, *a)
     )
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
-    profile = load_profile("tiny", enable=["sdpa"], overrides=['plugins.sdpa.backend="xformers"'])
+    profile = load_profile("smoke", enable=["sdpa"], overrides=['plugins.sdpa.backend="xformers"'])
     with pytest.raises(UserError, match="xformers is not installed"):
         build_plugin_manager(profile).hook.nlora_prepare_unet(
             unet=unet, profile=profile, training=True
@@ -295,12 +295,12 @@ def lora_grads(tiny_model_dir: Path, checkpointing: bool) -> dict[str, torch.Ten
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
     torch.manual_seed(0)
-    inject_lora(unet, load_profile("tiny").lora)
+    inject_lora(unet, load_profile("smoke").lora)
     with torch.no_grad():  # non-zero B so gradients reach A too
         for n, p in trainable(unet).items():
             if "lora_B" in n:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
-    profile = load_profile("tiny", enable=["gradient_checkpointing"] if checkpointing else [])
+    profile = load_profile("smoke", enable=["gradient_checkpointing"] if checkpointing else [])
     build_plugin_manager(profile).hook.nlora_prepare_unet(unet=unet, profile=profile, training=True)
     assert unet.is_gradient_checkpointing == checkpointing
     unet.train()
@@ -331,7 +331,7 @@ def test_gradient_checkpointing_is_off_when_not_training(tiny_model_dir: Path) -
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
-    profile = load_profile("tiny", enable=["gradient_checkpointing"])
+    profile = load_profile("smoke", enable=["gradient_checkpointing"])
     build_plugin_manager(profile).hook.nlora_prepare_unet(
         unet=unet, profile=profile, training=False
     )

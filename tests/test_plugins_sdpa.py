@@ -35,7 +35,7 @@ def unet(tiny_model_dir: Path):
 
     model = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
     torch.manual_seed(0)
-    inject_lora(model, load_profile("tiny").lora)
+    inject_lora(model, load_profile("smoke").lora)
     with torch.no_grad():  # non-zero B so the LoRA changes the output and gets gradients
         for p in model.parameters():
             if p.requires_grad:
@@ -78,7 +78,9 @@ def forward_backward(unet, checkpointing: bool = False) -> tuple[torch.Tensor, d
 
 
 def with_backend(unet, backend: str) -> None:
-    profile = load_profile("tiny", enable=["sdpa"], overrides=[f'plugins.sdpa.backend="{backend}"'])
+    profile = load_profile(
+        "smoke", enable=["sdpa"], overrides=[f'plugins.sdpa.backend="{backend}"']
+    )
     build_plugin_manager(profile).hook.nlora_prepare_unet(unet=unet, profile=profile, training=True)
 
 
@@ -143,7 +145,7 @@ def test_the_planner_counts_fused_kernels_as_fused_and_math_as_math(tiny_model_d
     peaks = {}
     for backend in ("efficient", "flash", "math"):
         profile = load_profile(
-            "tiny",
+            "smoke",
             enable=["sdpa"],
             overrides=[f'plugins.sdpa.backend="{backend}"'],
         )

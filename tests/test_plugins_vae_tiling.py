@@ -15,7 +15,7 @@ from naruto_lora.profile import load_profile
 
 def tiled(tile_px: int):
     profile = load_profile(
-        "tiny", enable=["vae_tiling"], overrides=[f"plugins.vae_tiling.tile_px={tile_px}"]
+        "smoke", enable=["vae_tiling"], overrides=[f"plugins.vae_tiling.tile_px={tile_px}"]
     )
     return profile, build_plugin_manager(profile)
 
@@ -79,4 +79,4 @@ def test_tiles_lower_the_decode_peak_and_the_planner_applies_them(tiny_model_dir
 
 def test_tile_size_is_checked() -> None:
     with pytest.raises(UserError, match="tile_px"):
-        load_profile("tiny", enable=["vae_tiling"], overrides=["plugins.vae_tiling.tile_px=60"])
+        load_profile("smoke", enable=["vae_tiling"], overrides=["plugins.vae_tiling.tile_px=60"])

@@ -15,7 +15,7 @@ from tests.conftest import invoke
 
 
 def common(data: Path, cache_dir: Path) -> list[str]:
-    return ["--profile", "tiny", "--data", str(data), "--cache-dir", str(cache_dir),
+    return ["--profile", "smoke", "--data", str(data), "--cache-dir", str(cache_dir),
             "--device", "cpu"]  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from tests.test_data import data_cfg, noise_image
 
 
 def cache_latents(cli_runner, data: str, tmp_path: Path):
-    return invoke(cli_runner, ["cache", "latents", "--profile", "tiny", "--data", data,
+    return invoke(cli_runner, ["cache", "latents", "--profile", "smoke", "--data", data,
                                "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])  # fmt: skip
 
 

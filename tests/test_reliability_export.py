@@ -47,7 +47,7 @@ def test_an_existing_lora_file_is_not_replaced_without_overwrite(run, tmp_path, 
     assert export(cli_runner, run, out).exit_code == 0
     before = sha(out)
     result = export(cli_runner, run, out, "--dtype", "fp32")
-    assert_clean_failure(result, "already exists", "a LoRA file", "profile 'tiny'", "--overwrite")
+    assert_clean_failure(result, "already exists", "a LoRA file", "profile 'smoke'", "--overwrite")
     assert sha(out) == before
     result = export(cli_runner, run, out, "--dtype", "fp32", "--overwrite")
     assert result.exit_code == 0, result.output

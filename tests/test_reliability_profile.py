@@ -29,39 +29,39 @@ def assert_clean_failure(result, *expected: str) -> None:
 
 def test_a_profile_that_is_not_utf8_names_the_line(cli_runner, tmp_path: Path) -> None:
     path = tmp_path / "latin.toml"
-    path.write_bytes('extends = "tiny"\n\ndescription = "caf\xe9"\n'.encode("latin-1"))
+    path.write_bytes('extends = "smoke"\n\ndescription = "caf\xe9"\n'.encode("latin-1"))
     assert_clean_failure(show(cli_runner, str(path)), "is not UTF-8", "0xe9 on line 3", "UTF-8")
 
 
 def test_a_profile_saved_with_a_bom_loads(cli_runner, tmp_path: Path) -> None:
     path = tmp_path / "bom.toml"
-    path.write_bytes('\ufeffextends = "tiny"\n[train]\nmax_steps = 7\n'.encode())
+    path.write_bytes('\ufeffextends = "smoke"\n[train]\nmax_steps = 7\n'.encode())
     result = show(cli_runner, str(path), "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["train"]["max_steps"] == 7
 
 
 def test_a_bad_key_in_an_extended_file_names_that_file(cli_runner, tmp_path: Path) -> None:
-    (tmp_path / "base.toml").write_text('extends = "tiny"\n[train]\nmax_stpes = 10\n')
+    (tmp_path / "base.toml").write_text('extends = "smoke"\n[train]\nmax_stpes = 10\n')
     (tmp_path / "child.toml").write_text('extends = "base.toml"\n[train]\nmax_steps = 5\n')
     result = show(cli_runner, str(tmp_path / "child.toml"))
     assert_clean_failure(result, str(tmp_path / "base.toml"), "train.max_stpes", "extends")
-    (tmp_path / "base.toml").write_text('extends = "tiny"\n[lora]\nrank = "four"\n')
+    (tmp_path / "base.toml").write_text('extends = "smoke"\n[lora]\nrank = "four"\n')
     result = show(cli_runner, str(tmp_path / "child.toml"))
     assert_clean_failure(result, str(tmp_path / "base.toml"), "lora.rank", "wrong type")
 
 
 def test_a_name_that_is_not_a_string_is_rejected(cli_runner, tmp_path: Path) -> None:
     path = tmp_path / "named.toml"
-    path.write_text('extends = "tiny"\nname = 5\n')
+    path.write_text('extends = "smoke"\nname = 5\n')
     assert_clean_failure(show(cli_runner, str(path)), "name = 5", str(path), "must be a string")
 
 
 def test_a_plugin_set_to_a_number_is_a_message(cli_runner, tmp_path: Path) -> None:
     path = tmp_path / "p.toml"
-    path.write_text('extends = "tiny"\n[plugins]\nema = 3\n')
+    path.write_text('extends = "smoke"\n[plugins]\nema = 3\n')
     assert_clean_failure(show(cli_runner, str(path)), "plugins.ema = 3", "[plugins.ema]")
-    result = show(cli_runner, "tiny", "--set", "plugins.ema=3")
+    result = show(cli_runner, "smoke", "--set", "plugins.ema=3")
     assert_clean_failure(result, "plugins.ema = 3", "--enable ema")
 
 
@@ -97,17 +97,17 @@ def sharpen_installed(monkeypatch):
 def test_a_plugin_parameter_without_default_breaks_nothing_while_off(
     sharpen_installed, cli_runner
 ) -> None:
-    result = show(cli_runner, "tiny", "--json")
+    result = show(cli_runner, "smoke", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["plugins"]["sharpen"] == {"enabled": False}
-    listed = invoke(cli_runner, ["plugins", "list", "--profile", "tiny", "--json"])
+    listed = invoke(cli_runner, ["plugins", "list", "--profile", "smoke", "--json"])
     assert listed.exit_code == 0, listed.output
     row = next(r for r in json.loads(listed.output)["plugins"] if r["name"] == "sharpen")
     assert row["parameters"] == {"amount": "(required)"}
     assert_clean_failure(
-        show(cli_runner, "tiny", "--enable", "sharpen"), "plugins.sharpen.amount", "no default"
+        show(cli_runner, "smoke", "--enable", "sharpen"), "plugins.sharpen.amount", "no default"
     )
-    result = show(cli_runner, "tiny", "--enable", "sharpen", "--set", "plugins.sharpen.amount=2")
+    result = show(cli_runner, "smoke", "--enable", "sharpen", "--set", "plugins.sharpen.amount=2")
     assert result.exit_code == 0, result.output
 
 
@@ -126,4 +126,4 @@ def test_listings_piped_never_cut_names_and_give_json() -> None:
         [*run, "profiles", "list", "--json"], capture_output=True, text=True, check=True
     )
     names = [p["profile"] for p in json.loads(profiles.stdout)["profiles"]]
-    assert {"14gb", "12gb", "8gb", "tiny"} <= set(names)
+    assert {"14gb", "12gb", "8gb", "smoke"} <= set(names)

@@ -465,8 +465,8 @@ def test_plugins_that_compute_the_same_training_may_change_on_resume() -> None:
     class Noise:
         pass
 
-    before = load_profile("tiny", disable=["sdpa", "offset_noise"]).to_dict()
-    after = load_profile("tiny", enable=["sdpa", "offset_noise"]).to_dict()
+    before = load_profile("smoke", disable=["sdpa", "offset_noise"]).to_dict()
+    after = load_profile("smoke", enable=["sdpa", "offset_noise"]).to_dict()
     keys = {c.key for c in settings_changes(before, after, {"sdpa": Tiling, "offset_noise": Noise})}
     assert keys == {"plugins.offset_noise.enabled"}
     keys = {c.key for c in settings_changes(before, after)}  # unknown: every change counts

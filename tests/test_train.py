@@ -52,7 +52,7 @@ def test_cli_all_plugins_end_to_end(
         pipe, reports = load_with_diffusers(tiny_model_dir, folder, monkeypatch)
         assert reports and lora_problems(reports) == []
     meta = metadata(out / WEIGHT_NAME)
-    assert meta["base_model"] == "nlora:tiny" and meta["profile"] == "tiny"
+    assert meta["base_model"] == "nlora:tiny" and meta["profile"] == "smoke"
     assert (meta["rank"], meta["alpha"], meta["resolution"], meta["steps"]) == ("4", "4", "64", "4")
 
     resolved = load_profile(str(out / "profile.toml"))
@@ -176,7 +176,7 @@ def test_unknown_target_module_fails_before_caches_and_training(cli_runner, tmp_
 def test_output_folder_of_another_run_is_refused(cli_runner, cache_dir: Path, tmp_path: Path):
     out = tmp_path / "taken"
     out.mkdir()
-    other = load_profile("tiny", overrides=["lora.rank=16"])
+    other = load_profile("smoke", overrides=["lora.rank=16"])
     (out / "profile.toml").write_text(other.to_toml())
     result = invoke(cli_runner, cli_args(cache_dir, out))
     assert result.exit_code == 2

@@ -44,7 +44,7 @@ def lr_curve(scheduler_name: str, base: float, warmup: int, total: int) -> list[
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([param], lr=base)
     cfg = load_profile(
-        "tiny",
+        "smoke",
         overrides=[f'train.lr_scheduler="{scheduler_name}"', f"train.lr_warmup_steps={warmup}"],
     ).train
     scheduler = make_lr_scheduler(optimizer, cfg, total)
@@ -76,11 +76,11 @@ def test_constant_schedule_and_warmup_longer_than_the_run() -> None:
 
 def test_optimizer_choice_and_8bit_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     params = [torch.nn.Parameter(torch.zeros(2))]
-    cfg = load_profile("tiny").train
+    cfg = load_profile("smoke").train
     adamw = make_optimizer(params, cfg, torch.device("cpu"))
     assert isinstance(adamw, torch.optim.AdamW) and not adamw.defaults.get("fused")
     assert adamw.defaults["lr"] == cfg.learning_rate
-    cfg8 = load_profile("tiny", overrides=['train.optimizer="adamw8bit"']).train
+    cfg8 = load_profile("smoke", overrides=['train.optimizer="adamw8bit"']).train
     with pytest.raises(UserError, match="needs a CUDA GPU"):
         make_optimizer(params, cfg8, torch.device("cpu"))
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # import fails
@@ -244,7 +244,7 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path: Path) -> No
 
 
 def test_output_folder_rules(tmp_path: Path) -> None:
-    profile = load_profile("tiny", overrides=["lora.rank=4"])
+    profile = load_profile("smoke", overrides=["lora.rank=4"])
     assert check_output_folder(tmp_path / "new", profile, None) is False
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -259,14 +259,14 @@ def test_output_folder_rules(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     write_resolved(profile, run / "profile.toml")
-    other = load_profile("tiny", overrides=["lora.rank=8", 'model.pretrained="/models/other"'])
+    other = load_profile("smoke", overrides=["lora.rank=8", 'model.pretrained="/models/other"'])
     with pytest.raises(UserError) as err:
         check_output_folder(run, other, "latest")
     assert "lora.rank: 4 there, 8 now" in str(err.value)
     assert "model.pretrained" in str(err.value)
     # Same identity: a learning-rate change is still the same run.
     same = load_profile(
-        "tiny", overrides=["lora.rank=4", "train.learning_rate=0.01", "train.max_steps=99"]
+        "smoke", overrides=["lora.rank=4", "train.learning_rate=0.01", "train.max_steps=99"]
     )
     assert check_output_folder(run, same, None) is True  # no checkpoints yet: start over
     (run / "checkpoints" / "step-20").mkdir(parents=True)

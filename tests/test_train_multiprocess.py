@@ -46,7 +46,7 @@ def parsed(args: list[str]) -> dict:
 
 
 def test_each_process_gets_the_command_line_back_without_num_processes() -> None:
-    given = ["-p", "tiny", "--set", "train.max_steps=3", "--set", 'data.source="x y"']
+    given = ["-p", "smoke", "--set", "train.max_steps=3", "--set", 'data.source="x y"']
     given += ["--enable", "ema", "--disable", "sdpa", "--output", "out dir", "--resume", "latest"]
     given += ["--no-auto-cache", "--device", "cpu", "--num-processes", "2", "--tensorboard"]
     params = parsed(given)
@@ -59,7 +59,7 @@ def test_each_process_gets_the_command_line_back_without_num_processes() -> None
 def test_accelerate_accepts_the_launch_arguments() -> None:
     from accelerate.commands.launch import launch_command_parser
 
-    script = ["train", "-p", "tiny", "--set", "train.max_steps=3"]
+    script = ["train", "-p", "smoke", "--set", "train.max_steps=3"]
     args = launch_command_parser().parse_args(accelerate_args(3, script))
     assert (args.num_processes, args.num_machines, args.machine_rank) == (3, 1, 0)
     assert args.multi_gpu and not args.cpu and args.module
@@ -78,7 +78,7 @@ def test_impossible_process_counts_fail_before_anything_starts(monkeypatch) -> N
 
 
 def test_the_cli_reports_a_bad_process_count_once(cli_runner) -> None:
-    result = invoke(cli_runner, ["train", "-p", "tiny", "--num-processes", "0"])
+    result = invoke(cli_runner, ["train", "-p", "smoke", "--num-processes", "0"])
     assert result.exit_code == 2
     assert "--num-processes 0: must be at least 1" in result.output
 

@@ -46,11 +46,11 @@ def tiny_profile(
     if only is not None:
         enabled = list(only)
         disable = [p for p in ALL_PLUGINS if p not in only]
-    return load_profile("tiny", overrides=overrides, enable=enabled, disable=disable)
+    return load_profile("smoke", overrides=overrides, enable=enabled, disable=disable)
 
 
 def cli_args(cache_dir: Path, output: Path, *sets: str) -> list[str]:
-    args = ["train", "-p", "tiny", "--device", "cpu", "--output", str(output)]
+    args = ["train", "-p", "smoke", "--device", "cpu", "--output", str(output)]
     args += ["--cache-dir", str(cache_dir)]
     for assignment in (*BASE_SETS, *sets):
         args += ["--set", assignment]
