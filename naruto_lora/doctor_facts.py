@@ -309,14 +309,23 @@ def _hub_data_status(repo_id: str) -> tuple[bool, str]:
 
 
 def _builtin_status(source: str) -> tuple[bool, str]:
+    from naruto_lora import toy
     from naruto_lora.tiny import TINY_DATA_ID, TINY_MODEL_ID, TINY_VERSION, cache_root
 
+    if source == toy.TOY_BASE_ID:
+        folder = toy.toy_base_dir()
+        if (folder / "model_index.json").is_file():
+            return True, f"shipped with naruto-lora ({folder})"
+        return False, f"missing from this installation (looked in '{folder}'); reinstall"
     folders = {
         TINY_MODEL_ID: f"tiny-sdxl-v{TINY_VERSION}",
         TINY_DATA_ID: f"tiny-shapes-v{TINY_VERSION}",
+        toy.TOY_STYLE_ID: f"toy-style-v{toy.TOY_DATA_VERSION}",
+        toy.TOY_PLAIN_ID: f"toy-plain-v{toy.TOY_DATA_VERSION}",
     }
     if source not in folders:
-        return False, f"unknown built-in id; known: {', '.join(folders)}"
+        known = ", ".join([*folders, toy.TOY_BASE_ID])
+        return False, f"unknown built-in id; known: {known}"
     folder = cache_root() / folders[source]
     if (folder / ".nlora-complete").is_file():
         return True, f"built in ({folder})"
