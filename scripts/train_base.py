@@ -165,6 +165,17 @@ def vae_eval_sets() -> dict[str, torch.Tensor]:
     }
 
 
+def evaluate_and_save(vae, evals: dict, folder: Path, label: str, log) -> None:
+    """Log the PSNR on each gate set and save the VAE (atomically), in eval mode."""
+    from naruto_lora.io import atomic_dir
+
+    vae.eval()
+    psnr = {name: reconstruction_psnr(vae, px) for name, px in evals.items()}
+    log(f"{label} psnr " + ", ".join(f"{k} {v:.2f} dB" for k, v in psnr.items()))
+    with atomic_dir(folder) as tmp:
+        vae.save_pretrained(tmp)
+
+
 def cosine_lr(base: float, step: int, total: int, warmup: int, floor: float = 0.05) -> float:
     warm = min(1.0, step / max(1, warmup))
     return base * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * step / total)))
@@ -173,7 +184,6 @@ def cosine_lr(base: float, step: int, total: int, warmup: int, floor: float = 0.
 def train_vae(args, log) -> None:
     """Reconstruction training on a large pool of random drawings; saves ``WORK/vae`` at every
     evaluation, so a run stopped early still leaves the last evaluated weights."""
-    from naruto_lora.io import atomic_dir
 
     torch.manual_seed(args.seed + 1)
     vae = build_vae(tuple(args.vae_channels)).train()
@@ -210,18 +220,12 @@ def train_vae(args, log) -> None:
                 f"vae step {step}/{args.vae_steps} loss {loss.item():.4f} {time.time() - start:.0f}s"
             )
         if step % args.eval_every == 0 or step == last:
-            vae.eval()
-            psnr = {name: reconstruction_psnr(vae, px) for name, px in evals.items()}
+            evaluate_and_save(vae, evals, args.work / "vae", f"vae step {step}", log)
             vae.train()
-            log(f"vae step {step} psnr " + ", ".join(f"{k} {v:.2f} dB" for k, v in psnr.items()))
-            with atomic_dir(args.work / "vae") as tmp:
-                vae.save_pretrained(tmp)
         if time.time() - start > args.max_vae_minutes * 60:
             log(f"vae stopped by --max-vae-minutes after step {step}")
             break
-    vae.eval()
-    with atomic_dir(args.work / "vae") as tmp:
-        vae.save_pretrained(tmp)
+    evaluate_and_save(vae, evals, args.work / "vae", "vae end", log)
 
 
 def train_decoder(args, log) -> None:
@@ -229,7 +233,6 @@ def train_decoder(args, log) -> None:
     colours while the latents (what the UNet learns) stay exactly as they are, so this stage can
     run beside the UNet stage. The latents get a little noise so the decoder forgives the UNet's
     imperfect samples. Writes ``WORK/vae-decoder``."""
-    from naruto_lora.io import atomic_dir
 
     vae = load_vae(args.vae or args.work / "vae")
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
@@ -262,20 +265,12 @@ def train_decoder(args, log) -> None:
         if step % 50 == 0:
             log(f"decoder step {step} loss {loss.item():.4f} {time.time() - start:.0f}s")
         if step % args.eval_every == 0 or step == args.decoder_steps:
-            vae.eval()
-            psnr = {name: reconstruction_psnr(vae, px) for name, px in evals.items()}
+            evaluate_and_save(vae, evals, args.work / "vae-decoder", f"decoder step {step}", log)
             vae.decoder.train()
-            log(
-                f"decoder step {step} psnr " + ", ".join(f"{k} {v:.2f} dB" for k, v in psnr.items())
-            )
-            with atomic_dir(args.work / "vae-decoder") as tmp:
-                vae.save_pretrained(tmp)
         if time.time() - start > args.max_vae_minutes * 60:
             log(f"decoder stopped by --max-vae-minutes after step {step}")
             break
-    vae.eval()
-    with atomic_dir(args.work / "vae-decoder") as tmp:
-        vae.save_pretrained(tmp)
+    evaluate_and_save(vae, evals, args.work / "vae-decoder", "decoder end", log)
 
 
 @torch.no_grad()
