@@ -31,6 +31,9 @@ class ProbeConfig:
 class Probe:
     name = "mp_probe"
     Config = ProbeConfig
+    # It only records what training does (where to dump, when to signal): changing it on resume
+    # does not change the run, so the resume-settings check lets it differ.
+    changes_training = False
 
     def __init__(self, config: ProbeConfig) -> None:
         self.config = config
