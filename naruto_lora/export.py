@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from naruto_lora.errors import UserError
+from naruto_lora.io import fsync_dir, usual_file_mode
 
 if TYPE_CHECKING:
     import torch
@@ -284,23 +285,6 @@ def write_safetensors(
     return digest
 
 
-def _usual_file_mode(path: Path) -> None:
-    """The mode a plain open() gives under the user's umask (a service running as another user,
-    ComfyUI or A1111, must be able to read an export)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
-
-
-def _fsync_folder(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _usual_folder_mode(folder: Path) -> None:
     """Temp folders are created private (0700); an export is meant to be shared like any folder."""
     umask = os.umask(0)
@@ -412,9 +396,9 @@ def staged_file(target: Path) -> Iterator[Path]:
         yield staged
         with open(staged, "rb+") as fh:
             os.fsync(fh.fileno())
-        _usual_file_mode(staged)
+        usual_file_mode(staged)
         os.replace(staged, target)
-        _fsync_folder(target.parent)
+        fsync_dir(target.parent)
     except BaseException:
         if first_missing is not None:
             shutil.rmtree(first_missing, ignore_errors=True)

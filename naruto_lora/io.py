@@ -22,13 +22,21 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder, so a rename into it survives a power cut (best effort: some file systems
+    cannot open a folder for it)."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def usual_file_mode(path: Path) -> None:
+    """The mode a plain open() gives under the user's umask: temp files are created 0600, and an
+    output must stay readable by a ComfyUI or A1111 service running as another user."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 @contextlib.contextmanager
@@ -43,10 +51,9 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        # mkstemp creates 0600; give the result the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
+        usual_file_mode(tmp)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -108,8 +115,8 @@ def fsync_tree(folder: Path) -> None:
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
         elif path.is_dir():
-            _fsync_dir(path)
-    _fsync_dir(Path(folder))
+            fsync_dir(path)
+    fsync_dir(Path(folder))
 
 
 def chmod_tree(folder: Path) -> None:
@@ -156,7 +163,7 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -12,13 +12,13 @@ Min-SNR the two weights multiply, as in kohya's trainer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from naruto_lora.errors import UserError
 from naruto_lora.hookspecs import hookimpl
 from naruto_lora.plugins import Plugin
+from naruto_lora.train.objective import TimestepWeightTable
 
 
 @dataclass(frozen=True)
@@ -51,17 +51,9 @@ class DebiasedEstimation(Plugin):
 
     def __init__(self, config: DebiasedConfig):
         super().__init__(config)
-        self._table: torch.Tensor | None = None
-        self._table_of: tuple[int, torch.device] | None = None
-
-    def weight_table(self, scheduler: Any, device: torch.device) -> torch.Tensor:
-        """The weight of every training timestep, float32 on the device, made once per schedule."""
-        key = (id(scheduler.alphas_cumprod), device)
-        if self._table is None or self._table_of != key:
-            alpha_bar = scheduler.alphas_cumprod.to(torch.float64)
-            weights = debiased_weights(alpha_bar / (1.0 - alpha_bar), self.config.max_snr)
-            self._table, self._table_of = weights.to(device, torch.float32), key
-        return self._table
+        self._weights = TimestepWeightTable(
+            lambda snr, _scheduler: debiased_weights(snr, self.config.max_snr)
+        )
 
     @hookimpl
     def nlora_loss_weights(self, state, timesteps: torch.Tensor) -> torch.Tensor:
@@ -71,7 +63,7 @@ class DebiasedEstimation(Plugin):
                 f"'{state.noise_scheduler.config.prediction_type}'.",
                 hint="Disable it with --disable debiased_estimation.",
             )
-        return self.weight_table(state.noise_scheduler, timesteps.device)[timesteps]
+        return self._weights(state.noise_scheduler, timesteps)
 
 
 PLUGIN = DebiasedEstimation

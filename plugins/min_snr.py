@@ -15,13 +15,13 @@ v-prediction snippet disagree with the paper; this follows the paper.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from naruto_lora.errors import UserError
 from naruto_lora.hookspecs import hookimpl
 from naruto_lora.plugins import Plugin
+from naruto_lora.train.objective import TimestepWeightTable
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,6 @@ class MinSNRConfig:
             raise UserError(
                 f"plugins.min_snr.gamma = {self.gamma!r} must be positive (the paper uses 5)."
             )
-
-
-def snr_from_alphas_cumprod(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    alpha_bar = alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)[timesteps]
-    return alpha_bar / (1.0 - alpha_bar)
 
 
 def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -63,24 +58,15 @@ class MinSNR(Plugin):
 
     def __init__(self, config: MinSNRConfig):
         super().__init__(config)
-        self._table: torch.Tensor | None = None
-        self._table_of: tuple[int, torch.device] | None = None
-
-    def weight_table(self, scheduler: Any, device: torch.device) -> torch.Tensor:
-        """The weight of every training timestep, float32 on the device, made once per schedule
-        (in float64, then rounded once): a step only indexes it, with no host round trip."""
-        key = (id(scheduler.alphas_cumprod), device)
-        if self._table is None or self._table_of != key:
-            alphas_cumprod = scheduler.alphas_cumprod
-            every = torch.arange(len(alphas_cumprod))
-            snr = snr_from_alphas_cumprod(alphas_cumprod, every)
-            weights = min_snr_weights(snr, self.config.gamma, scheduler.config.prediction_type)
-            self._table, self._table_of = weights.to(device, torch.float32), key
-        return self._table
+        self._weights = TimestepWeightTable(
+            lambda snr, scheduler: min_snr_weights(
+                snr, self.config.gamma, scheduler.config.prediction_type
+            )
+        )
 
     @hookimpl
     def nlora_loss_weights(self, state, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.weight_table(state.noise_scheduler, timesteps.device)[timesteps]
+        return self._weights(state.noise_scheduler, timesteps)
 
 
 PLUGIN = MinSNR

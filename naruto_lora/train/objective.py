@@ -32,6 +32,28 @@ def prediction_target(
     )
 
 
+class TimestepWeightTable:
+    """A loss weight for every training timestep, made once per noise schedule and device.
+
+    ``weights_of(snr, scheduler)`` maps the float64 SNR of every timestep, alpha_bar / (1 -
+    alpha_bar) from the scheduler's ``alphas_cumprod``, to its weights; the table is rounded once
+    to float32 on the device, so a training step only indexes it, with no host round trip.
+    """
+
+    def __init__(self, weights_of: Any):
+        self._weights_of = weights_of
+        self._table: torch.Tensor | None = None
+        self._table_of: tuple[int, torch.device] | None = None
+
+    def __call__(self, scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+        key = (id(scheduler.alphas_cumprod), timesteps.device)
+        if self._table is None or self._table_of != key:
+            alpha_bar = scheduler.alphas_cumprod.to(torch.float64)
+            weights = self._weights_of(alpha_bar / (1.0 - alpha_bar), scheduler)
+            self._table, self._table_of = weights.to(timesteps.device, torch.float32), key
+        return self._table[timesteps]
+
+
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error of each sample (shape ``[batch]``), computed in fp32 so fp16
     activations do not round the loss away."""
