@@ -260,18 +260,11 @@ def random_unet(configs: Any, device: torch.device, dtype: torch.dtype) -> torch
 def random_text_encoders(configs: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """Both CLIP encoders from their configs, random, on the device; token ids of the right
     shape stand in for the tokenizers (the speed does not depend on which ids)."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
     from naruto_lora.models import TextEncoders
-    from naruto_lora.plan_models import StandInTokenizer, _clip_config, quiet_libraries
+    from naruto_lora.plan_models import StandInTokenizer, clip_text_encoders, quiet_libraries
 
     with quiet_libraries(), torch.device(device):
-        first = CLIPTextModel(_clip_config(configs.text_encoder))
-        second = CLIPTextModelWithProjection(_clip_config(configs.text_encoder_2))
-    encoders = tuple(torch.nn.Module.to(e, dtype=dtype) for e in (first, second))
-    for encoder in encoders:
-        encoder.requires_grad_(False)
-        encoder.eval()
+        encoders = clip_text_encoders(configs, dtype)
     return TextEncoders(tokenizers=(StandInTokenizer(), StandInTokenizer()), encoders=encoders)
 
 

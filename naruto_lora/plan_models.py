@@ -176,17 +176,22 @@ def meta_unet(configs: ModelConfigs, dtype: torch.dtype) -> torch.nn.Module:
         return torch.nn.Module.to(unet, dtype=dtype)
 
 
-def meta_text_encoders(configs: ModelConfigs, dtype: torch.dtype) -> tuple[Any, Any]:
+def clip_text_encoders(configs: ModelConfigs, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Both CLIP text encoders from their configs, frozen, on the current default device."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    with on_meta():
-        first = CLIPTextModel(_clip_config(configs.text_encoder))
-        second = CLIPTextModelWithProjection(_clip_config(configs.text_encoder_2))
-        encoders = tuple(torch.nn.Module.to(e, dtype=dtype) for e in (first, second))
+    first = CLIPTextModel(_clip_config(configs.text_encoder))
+    second = CLIPTextModelWithProjection(_clip_config(configs.text_encoder_2))
+    encoders = tuple(torch.nn.Module.to(e, dtype=dtype) for e in (first, second))
     for encoder in encoders:
         encoder.requires_grad_(False)
         encoder.eval()
     return encoders
+
+
+def meta_text_encoders(configs: ModelConfigs, dtype: torch.dtype) -> tuple[Any, Any]:
+    with on_meta():
+        return clip_text_encoders(configs, dtype)
 
 
 def meta_vae(configs: ModelConfigs, dtype: torch.dtype) -> Any:
