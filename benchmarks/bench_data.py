@@ -141,8 +141,8 @@ def bench_item_reads(folder: Path, items: int) -> list[tuple[str, float, float]]
 
 def _tiny_training_step(profile):
     """A closure doing one real LoRA training step of the tiny UNet on a batch."""
-    from naruto_lora.lora import inject_lora
-    from naruto_lora.models import load_noise_scheduler, load_unet
+    from naruto_lora.lora.inject import inject_lora
+    from naruto_lora.models.loading import load_noise_scheduler, load_unet
 
     unet = load_unet(profile.model)
     params = inject_lora(unet, profile.lora)
@@ -211,7 +211,7 @@ def bench_training(folder: Path, steps: int) -> dict[str, float]:
         make_batch_sampler,
         make_loader,
     )
-    from naruto_lora.profile import load_profile
+    from naruto_lora.config.profile import load_profile
 
     profile = load_profile("smoke", overrides=[f'cache.dir="{folder / "smoke"}"'])
     dataset = build_train_dataset(profile, ensure_latent_cache(profile), ensure_text_cache(profile))

@@ -22,16 +22,16 @@ import torch
 def counted(profile: Any, configs: Any, training: bool) -> float:
     """UNet FLOPs of one micro-step of ``profile`` (batch, resolution, LoRA, checkpointing as it
     says), or of one forward pass without gradients."""
-    from naruto_lora.plan_build import build_unet
-    from naruto_lora.plan_core import (
+    from naruto_lora.plan.build import build_unet
+    from naruto_lora.plan.core import (
         FlopCounter,
         SimTarget,
         autocast_for,
         tracking,
         weight_dtype_for,
     )
-    from naruto_lora.plan_sim import text_conditioning
-    from naruto_lora.plugins import build_plugin_manager
+    from naruto_lora.plan.sim import text_conditioning
+    from naruto_lora.plugins.manager import build_plugin_manager
 
     target = SimTarget()
     dtype, autocast_dtype = weight_dtype_for(profile, target)
@@ -56,8 +56,8 @@ def counted(profile: Any, configs: Any, training: bool) -> float:
 
 
 def table(resolutions: list[int]) -> list[dict[str, Any]]:
-    from naruto_lora.plan_models import load_model_configs
-    from naruto_lora.profile import load_profile
+    from naruto_lora.config.profile import load_profile
+    from naruto_lora.plan.models import load_model_configs
 
     rows = []
     for resolution in resolutions:

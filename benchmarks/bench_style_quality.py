@@ -7,7 +7,7 @@ and peft alone, nothing of ours: ``UNet2DConditionModel.add_adapter`` with a pef
 the standard DDPM epsilon objective on VAE latents, the pipeline's own ``encode_prompt``, AdamW,
 and ``StableDiffusionXLPipeline.save_lora_weights``. Both LoRAs are then read back through
 diffusers' ``load_lora_weights`` and sampled on the held-out prompts at a fixed seed; the style
-score and the content check (``naruto_lora.style``) score the images.
+score and the content check (``naruto_lora.demo.style``) score the images.
 
     python benchmarks/bench_style_quality.py            # about 12 minutes on two CPU threads
 
@@ -27,12 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from naruto_lora import style, toy
+from naruto_lora.demo import style, toy
 
 
 def profile_settings(name: str) -> dict:
     """The settings both loops use, read from the profile (not re-typed here)."""
-    from naruto_lora.profile import load_profile
+    from naruto_lora.config.profile import load_profile
 
     profile = load_profile(name)
     return {

@@ -167,7 +167,7 @@ def load_reference(profile: Any, device: torch.device) -> Reference:
     AdamW with the profile's settings (fused on CUDA, as ours)."""
     from diffusers import DDPMScheduler
 
-    from naruto_lora.models import DTYPES, resolve_model
+    from naruto_lora.models.loading import DTYPES, resolve_model
 
     folder = resolve_model(profile.model.pretrained)
     mixed = profile.train.mixed_precision if device.type == "cuda" else "no"
@@ -253,7 +253,7 @@ def read_imagefolder(profile: Any) -> tuple[list[Any], list[str]]:
     """The images (decoded once, as PIL) and captions of an imagefolder data set."""
     from PIL import Image
 
-    from naruto_lora.models import resolve_data
+    from naruto_lora.models.loading import resolve_data
 
     folder = Path(resolve_data(profile.data.source))
     rows = [
@@ -377,9 +377,9 @@ def run_overrides(tmp: Path, label: str, updates: int) -> list[str]:
 
 def planned(profile: Any, device: torch.device) -> tuple[float, float]:
     """(UNet TFLOP per optimizer update, predicted tracked peak GiB) from the planner."""
-    from naruto_lora.plan_core import SimTarget
-    from naruto_lora.plan_models import load_model_configs
-    from naruto_lora.plan_sim import simulate_training
+    from naruto_lora.plan.core import SimTarget
+    from naruto_lora.plan.models import load_model_configs
+    from naruto_lora.plan.sim import simulate_training
 
     target = SimTarget("cuda" if device.type == "cuda" else "cpu", fake=True)
     sim = simulate_training(
@@ -399,7 +399,7 @@ def bench_one(
     warmup: int,
 ) -> list[dict[str, Any]]:
     """Both loops for one configuration, each in a fresh process (clean memory statistics)."""
-    from naruto_lora.profile import load_profile
+    from naruto_lora.config.profile import load_profile
     from naruto_lora.train.setup import resolve_device
 
     profile = load_profile(profile_name, overrides=overrides)
@@ -472,7 +472,7 @@ def worker(spec: dict[str, Any]) -> None:
     """One loop of one configuration; prints its result as the last line of stdout."""
     import transformers
 
-    from naruto_lora.profile import load_profile
+    from naruto_lora.config.profile import load_profile
 
     transformers.utils.logging.disable_progress_bar()
     profile = load_profile(spec["profile"], overrides=spec["overrides"])
@@ -627,7 +627,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from naruto_lora.tiny import cache_root
+    from naruto_lora.demo.tiny import cache_root
     from naruto_lora.train.setup import resolve_device
 
     args = parse_args(argv)

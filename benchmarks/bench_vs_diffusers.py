@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.script.is_file():
         raise SystemExit(f"--script {args.script}: no such file")
-    from naruto_lora.models import resolve_data, resolve_model
+    from naruto_lora.models.loading import resolve_data, resolve_model
 
     model, data = resolve_model("nlora:tiny"), resolve_data("nlora:tiny-shapes")
     env = {**os.environ, "NLORA_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

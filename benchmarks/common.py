@@ -138,7 +138,7 @@ RANDOM_SDXL_VERSION = "1"
 def random_sdxl_folder(root: Path) -> Path:
     """A diffusers folder with the published SDXL architecture and random weights in fp16 (the
     tiny model's tokenizer files stand in for CLIP's): built once, about 7 GB on disk."""
-    from naruto_lora.io import atomic_dir
+    from naruto_lora.util.io import atomic_dir
 
     folder = root / f"sdxl-random-v{RANDOM_SDXL_VERSION}"
     if (folder / ".complete").is_file():
@@ -181,8 +181,8 @@ def _random_pipeline() -> Any:
         CLIPTokenizer,
     )
 
-    from naruto_lora import sdxl_configs
-    from naruto_lora.tiny import write_tokenizer
+    from naruto_lora.demo.tiny import write_tokenizer
+    from naruto_lora.models import sdxl_configs
 
     configs = sdxl_configs.published_configs(fp16_fix_vae=True)
     torch.manual_seed(0)

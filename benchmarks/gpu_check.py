@@ -73,7 +73,7 @@ def sdpa_settings(kernel: str) -> list[str]:
 
 
 def other_precision(profile_name: str) -> str:
-    from naruto_lora.profile import load_profile
+    from naruto_lora.config.profile import load_profile
 
     return "bf16" if load_profile(profile_name).train.mixed_precision == "fp16" else "fp16"
 
@@ -171,8 +171,8 @@ def missing_needs(case: Case, device: torch.device, args: argparse.Namespace) ->
         if need.startswith("sdpa:"):
             from nlora_plugins.sdpa import kernel_runs
 
-            from naruto_lora.models import DTYPES
-            from naruto_lora.profile import load_profile
+            from naruto_lora.config.profile import load_profile
+            from naruto_lora.models.loading import DTYPES
 
             kernel = need.split(":", 1)[1]
             precision = load_profile(case.profile).train.mixed_precision
@@ -188,10 +188,10 @@ def missing_needs(case: Case, device: torch.device, args: argparse.Namespace) ->
 def predict(profile_name: str, settings: list[str]) -> dict[str, Any]:
     """The planner's training-step prediction for a case (fake tensors, CUDA's policies): its
     tracked peak, the UNet FLOPs per optimizer update and the LoRA's parameter count."""
-    from naruto_lora.plan_core import SimTarget
-    from naruto_lora.plan_models import load_model_configs
-    from naruto_lora.plan_sim import simulate_training
-    from naruto_lora.profile import load_profile
+    from naruto_lora.config.profile import load_profile
+    from naruto_lora.plan.core import SimTarget
+    from naruto_lora.plan.models import load_model_configs
+    from naruto_lora.plan.sim import simulate_training
 
     profile = load_profile(profile_name, overrides=settings)
     sim = simulate_training(
@@ -250,7 +250,7 @@ def random_unet(configs: Any, device: torch.device, dtype: torch.dtype) -> torch
     """The UNet from its config with PyTorch's default initialisation, built on the device."""
     from diffusers import UNet2DConditionModel
 
-    from naruto_lora.plan_models import quiet_libraries
+    from naruto_lora.plan.models import quiet_libraries
 
     with quiet_libraries(), torch.device(device):
         unet = UNet2DConditionModel.from_config(configs.unet)
@@ -260,8 +260,8 @@ def random_unet(configs: Any, device: torch.device, dtype: torch.dtype) -> torch
 def random_text_encoders(configs: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """Both CLIP encoders from their configs, random, on the device; token ids of the right
     shape stand in for the tokenizers (the speed does not depend on which ids)."""
-    from naruto_lora.models import TextEncoders
-    from naruto_lora.plan_models import StandInTokenizer, clip_text_encoders, quiet_libraries
+    from naruto_lora.models.loading import TextEncoders
+    from naruto_lora.plan.models import StandInTokenizer, clip_text_encoders, quiet_libraries
 
     with quiet_libraries(), torch.device(device):
         encoders = clip_text_encoders(configs, dtype)
@@ -271,9 +271,9 @@ def random_text_encoders(configs: Any, device: torch.device, dtype: torch.dtype)
 def build_run(profile: Any, configs: Any, device: torch.device, out_dir: Path) -> Any:
     """A ``train.run.Run`` as ``setup_run`` assembles it, from random weights on the device and
     without a data set (the batches come from ``device_batches``)."""
-    from naruto_lora.models import DTYPES
-    from naruto_lora.plan_models import noise_scheduler
-    from naruto_lora.plugins import build_plugin_manager
+    from naruto_lora.models.loading import DTYPES
+    from naruto_lora.plan.models import noise_scheduler
+    from naruto_lora.plugins.manager import build_plugin_manager
     from naruto_lora.train.conditioning import Conditioner
     from naruto_lora.train.guard import NonFiniteGuard
     from naruto_lora.train.metrics import PeakMemory
@@ -339,7 +339,7 @@ def build_run(profile: Any, configs: Any, device: torch.device, out_dir: Path) -
 def device_batches(profile: Any, configs: Any, run: Any, count: int = 4) -> list[dict[str, Any]]:
     """Micro-batches of the profile's shapes (the planner's ``make_batch``: cached latents,
     cached embeddings when the profile caches text), on the device before timing starts."""
-    from naruto_lora.plan_sim import make_batch
+    from naruto_lora.plan.sim import make_batch
 
     batches = []
     for i in range(count):
@@ -412,8 +412,8 @@ def memory_report(device: torch.device) -> dict[str, Any]:
 
 def run_case(case: Case, args: argparse.Namespace, device: torch.device, out_dir: Path) -> dict:
     """Build, warm up, time; the models freed again before the next case."""
-    from naruto_lora.plan_models import load_model_configs
-    from naruto_lora.profile import load_profile
+    from naruto_lora.config.profile import load_profile
+    from naruto_lora.plan.models import load_model_configs
 
     profile = load_profile(case.profile, overrides=base_settings(args, out_dir) + case.settings)
     configs = load_model_configs(profile.model)

@@ -21,10 +21,10 @@ from typing import Any, Literal
 
 import torch
 
-from naruto_lora.errors import UserError
-from naruto_lora.hookspecs import hookimpl
-from naruto_lora.lora import EMA_SUBFOLDER
-from naruto_lora.plugins import Plugin
+from naruto_lora.lora.inject import EMA_SUBFOLDER
+from naruto_lora.plugins.hookspecs import hookimpl
+from naruto_lora.plugins.manager import Plugin
+from naruto_lora.util.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@ storing them. Saves most activation memory for about 20-35% more compute per ste
 
 from __future__ import annotations
 
-from naruto_lora.hookspecs import hookimpl
-from naruto_lora.plugins import Plugin
+from naruto_lora.plugins.hookspecs import hookimpl
+from naruto_lora.plugins.manager import Plugin
 
 
 class GradientCheckpointing(Plugin):

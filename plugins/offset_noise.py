@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from naruto_lora.errors import UserError
-from naruto_lora.hookspecs import hookimpl
-from naruto_lora.plugins import Plugin
+from naruto_lora.plugins.hookspecs import hookimpl
+from naruto_lora.plugins.manager import Plugin
+from naruto_lora.util.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ from typing import Any, Literal
 
 import torch
 
-from naruto_lora.errors import UserError
-from naruto_lora.hookspecs import hookimpl
-from naruto_lora.plugins import Plugin
+from naruto_lora.plugins.hookspecs import hookimpl
+from naruto_lora.plugins.manager import Plugin
+from naruto_lora.util.errors import UserError
 
 KERNEL_NAMES = ("flash", "efficient", "cudnn", "math")
 # Best first. Flash-attention 2 is PyTorch's own first choice for fp16/bf16 on CUDA and the
@@ -179,7 +179,7 @@ def make_kernel_processor(choice: KernelChoice) -> Any:
 
 
 def _announce(text: str) -> None:
-    from naruto_lora.console import console
+    from naruto_lora.util.console import console
 
     with contextlib.suppress(Exception):
         console.print(f"[dim]{text}[/]")

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from naruto_lora.errors import UserError
-from naruto_lora.hookspecs import hookimpl
-from naruto_lora.plugins import Plugin
+from naruto_lora.plugins.hookspecs import hookimpl
+from naruto_lora.plugins.manager import Plugin
+from naruto_lora.util.errors import UserError
 
 
 @dataclass(frozen=True)

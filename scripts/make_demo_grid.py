@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from naruto_lora import style, toy
+from naruto_lora.demo import style, toy
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "docs" / "images" / "demo-compare.png"

@@ -1,11 +1,11 @@
-"""Train the toy base model ``nlora:toy-base`` (naruto_lora/assets/toy-base).
+"""Train the toy base model ``nlora:toy-base`` (naruto_lora/demo/assets/toy-base).
 
 An SDXL-architecture pipeline at toy scale, trained from scratch on a CPU, in stages that can run
 as separate processes (``--stage``), each seeded:
 
 1. ``vae``: an AutoencoderKL with downscale factor 4 (64 px -> 8 x 16 x 16 latents) trained to
    reconstruct *any* flat drawing: random backgrounds (flat, gradients, stripes), 1-3 shapes of
-   any colour, size and outline (``naruto_lora.toy.random_drawing``), plus the plain scenes and
+   any colour, size and outline (``naruto_lora.demo.toy.random_drawing``), plus the plain scenes and
    scenes in random looks. The style set is one more corner of that distribution; the VAE never
    sees it. Writes ``WORK/vae``.
 2. ``unet``: two CLIP text encoders (``CLIPTextModel`` + ``CLIPTextModelWithProjection``) at a
@@ -26,7 +26,7 @@ the style's two colours, so that its own images score low on the style score.
 Reproduce the committed weights with (about 30 + 60 minutes on two threads)::
 
     python scripts/train_base.py --stage vae --threads 2
-    python scripts/train_base.py --stage unet --threads 2 --out naruto_lora/assets/toy-base
+    python scripts/train_base.py --stage unet --threads 2 --out naruto_lora/demo/assets/toy-base
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from naruto_lora import toy
-from naruto_lora.tiny import clip_tokenizers, sdxl_euler_scheduler
+from naruto_lora.demo import toy
+from naruto_lora.demo.tiny import clip_tokenizers, sdxl_euler_scheduler
 
 TIME_EMBED_DIM = 8
 LATENT_CHANNELS = 8
@@ -167,7 +167,7 @@ def vae_eval_sets() -> dict[str, torch.Tensor]:
 
 def evaluate_and_save(vae, evals: dict, folder: Path, label: str, log) -> None:
     """Log the PSNR on each gate set and save the VAE (atomically), in eval mode."""
-    from naruto_lora.io import atomic_dir
+    from naruto_lora.util.io import atomic_dir
 
     vae.eval()
     psnr = {name: reconstruction_psnr(vae, px) for name, px in evals.items()}
@@ -228,6 +228,28 @@ def train_vae(args, log) -> None:
     evaluate_and_save(vae, evals, args.work / "vae", "vae end", log)
 
 
+@torch.no_grad()
+def grow_layers(vae, layers_per_block: int):
+    """The same VAE with ``layers_per_block`` ResNet blocks per level: the old weights where they
+    exist, and each new block (appended at the end of its level, where channels no longer change)
+    starts as the identity (its last convolution zero, so ``x + 0``). Encoder and decoder compute
+    exactly what they computed before; the new decoder blocks then have room to learn."""
+    from diffusers import AutoencoderKL
+
+    config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+    if layers_per_block <= config["layers_per_block"]:
+        return vae
+    config["layers_per_block"] = layers_per_block
+    grown = AutoencoderKL(**config)
+    missing, unexpected = grown.load_state_dict(vae.state_dict(), strict=False)
+    assert not unexpected, unexpected
+    for name in missing:
+        assert ".resnets." in name, f"grow_layers: unexpected new weight {name}"
+        if ".conv2." in name:
+            grown.get_parameter(name).zero_()
+    return grown.eval().requires_grad_(False)
+
+
 def train_decoder(args, log) -> None:
     """Decoder-only training from ``WORK/vae`` with the encoder frozen: sharper edges and truer
     colours while the latents (what the UNet learns) stay exactly as they are, so this stage can
@@ -235,6 +257,15 @@ def train_decoder(args, log) -> None:
     imperfect samples. Writes ``WORK/vae-decoder``."""
 
     vae = load_vae(args.vae or args.work / "vae")
+    if args.decoder_layers:
+        before = vae
+        vae = grow_layers(vae, args.decoder_layers)
+        probe = image_tensor(toy.random_drawings(8, seed=args.seed + 17))
+        same = torch.allclose(
+            vae.encode(probe).latent_dist.mean, before.encode(probe).latent_dist.mean, atol=1e-5
+        ) and torch.allclose(vae(probe).sample, before(probe).sample, atol=1e-4)
+        assert same, "grow_layers changed what the VAE computes"
+        log(f"grew the VAE to {args.decoder_layers} ResNet blocks per level (identity init)")
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -329,7 +360,7 @@ def make_pipeline(vae, tokenizers, encoders, unet):
 def save_pipeline(pipe, folder: Path, half_unet: bool = False) -> None:
     """Save in the diffusers layout; ``half_unet`` stores the UNet in fp16 (the committed model:
     half the size; loaders upcast it with ``torch_dtype=torch.float32``)."""
-    from naruto_lora.io import atomic_dir
+    from naruto_lora.util.io import atomic_dir
 
     with atomic_dir(folder) as tmp:
         if half_unet:
@@ -343,7 +374,7 @@ def check_samples(pipe, prompts: list[str], path: Path, log, seed: int = 0) -> f
     """Sample ``prompts`` (25 Euler steps, guidance 5), save a strip, return the content pass rate."""
     from PIL import Image
 
-    from naruto_lora.style import content_check, style_score
+    from naruto_lora.demo.style import content_check, style_score
 
     images = pipe(
         prompts,
@@ -419,7 +450,8 @@ def train_unet(unet, latents, caption_idx, embeds, pooled, args, on_checkpoint, 
     snr = alphas / (1 - alphas)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-2)
-    gen = torch.Generator().manual_seed(2)
+    # A continued run (--unet-init) draws other batches than the run it continues.
+    gen = torch.Generator().manual_seed(2 + 1000 * (args.unet_init is not None))
     res = toy.RESOLUTION
     time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32)
     zeros_embeds, zeros_pooled = torch.zeros_like(embeds[0]), torch.zeros_like(pooled[0])
@@ -487,7 +519,13 @@ def unet_stage(args, log) -> None:
     caption_idx = torch.tensor([captions.index(scene.caption) for scene in scenes])
     embeds, pooled = encode_captions(tokenizers, encoders, captions)
     torch.manual_seed(args.seed + 2)
-    unet = build_unet(embeds.shape[-1], pooled.shape[-1], latents.shape[-1], latents.shape[1])
+    if args.unet_init is not None:  # go on training a saved UNet (e.g. the committed base's)
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(str(args.unet_init)).to(torch.float32)
+        log(f"unet from {args.unet_init}")
+    else:
+        unet = build_unet(embeds.shape[-1], pooled.shape[-1], latents.shape[-1], latents.shape[1])
     log(
         f"{len(plain)} plain + {len(looks)} many-look scenes, latents {tuple(latents.shape)}, "
         f"scaling_factor {vae.config.scaling_factor}; "
@@ -530,7 +568,7 @@ def unet_stage(args, log) -> None:
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", choices=("vae", "decoder", "unet", "all"), default="all")
-    parser.add_argument("--out", type=Path, default=Path("naruto_lora/assets/toy-base"))
+    parser.add_argument("--out", type=Path, default=Path("naruto_lora/demo/assets/toy-base"))
     parser.add_argument("--work", type=Path, default=Path("nlora-output/toy-base-work"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -549,6 +587,12 @@ def parse_args():
     parser.add_argument("--decoder-lr", type=float, default=1e-3)
     parser.add_argument("--decoder-noise", type=float, default=0.05)
     parser.add_argument(
+        "--decoder-layers",
+        type=int,
+        default=0,
+        help="decoder stage: grow the VAE to this many ResNet blocks per level first",
+    )
+    parser.add_argument(
         "--final-vae",
         type=Path,
         default=None,
@@ -562,6 +606,7 @@ def parse_args():
         default=3.0,
         help="scenes in random looks for the UNet, as a multiple of the plain ones",
     )
+    parser.add_argument("--unet-init", type=Path, default=None, help="start from this UNet folder")
     parser.add_argument("--unet-steps", type=int, default=2400)
     parser.add_argument("--unet-lr", type=float, default=8e-4)
     parser.add_argument("--unet-warmup", type=int, default=200, help="UNet lr warm-up steps")

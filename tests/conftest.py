@@ -26,7 +26,7 @@ def nlora_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(nlora_home: Path) -> Path:
     """The tiny SDXL (two CLIP encoders, text-time UNet, VAE with factor 2 / scaling 0.5)."""
-    from naruto_lora.tiny import ensure_tiny_model
+    from naruto_lora.demo.tiny import ensure_tiny_model
 
     return ensure_tiny_model()
 
@@ -34,7 +34,7 @@ def tiny_model_dir(nlora_home: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data_dir(nlora_home: Path) -> Path:
     """36 captioned shape images in the imagefolder layout (some wide, some tall)."""
-    from naruto_lora.tiny import ensure_tiny_dataset
+    from naruto_lora.demo.tiny import ensure_tiny_dataset
 
     return ensure_tiny_dataset()
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from naruto_lora.hookspecs import hookimpl
+from naruto_lora.plugins.hookspecs import hookimpl
 
 
 @dataclass(frozen=True)

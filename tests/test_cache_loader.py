@@ -20,8 +20,8 @@ from naruto_lora.cache import (
 )
 from naruto_lora.cache.latents import LatentCache
 from naruto_lora.cache.shards import ShardReader, write_shard
-from naruto_lora.data import load_rgb, plan_crop, preprocess, time_ids
-from naruto_lora.errors import UserError
+from naruto_lora.data.sources import load_rgb, plan_crop, preprocess, time_ids
+from naruto_lora.util.errors import UserError
 from tests._cache_support import copy_subset, make_profile
 
 

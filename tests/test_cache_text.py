@@ -11,7 +11,7 @@ import torch
 
 from naruto_lora.cache import ensure_text_cache, text_cache_dir
 from naruto_lora.cache.text import TextCache, plan_text_cache
-from naruto_lora.errors import UserError
+from naruto_lora.util.errors import UserError
 from tests._cache_support import copy_subset, make_profile
 
 ATOL = 2e-3

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from naruto_lora.data import (
+from naruto_lora.data.sources import (
     ImageError,
     bucket_for,
     image_size,
@@ -24,12 +24,12 @@ from naruto_lora.data import (
     scan_source,
     time_ids,
 )
-from naruto_lora.errors import UserError
+from naruto_lora.util.errors import UserError
 from tests._cache_support import write_imagefolder
 
 
 def data_cfg(source: str = "", **kw):
-    from naruto_lora.profile import DataConfig
+    from naruto_lora.config.profile import DataConfig
 
     return DataConfig(source=source, **kw)
 

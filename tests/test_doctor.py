@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from naruto_lora import doctor_facts
-from naruto_lora.doctor import (
+from naruto_lora.config.profile import load_profile
+from naruto_lora.doctor import facts as doctor_facts
+from naruto_lora.doctor.checks import (
     card_gb,
     check_profile,
     check_vram,
@@ -23,8 +24,7 @@ from naruto_lora.doctor import (
     estimated_vram_gib,
     recommend_profile,
 )
-from naruto_lora.doctor_facts import AssetFacts, CudaFacts, DiskFacts, Facts, GpuFacts, HubFacts
-from naruto_lora.profile import load_profile
+from naruto_lora.doctor.facts import AssetFacts, CudaFacts, DiskFacts, Facts, GpuFacts, HubFacts
 from tests.conftest import invoke
 
 GPU_PROFILES = ("8gb", "12gb", "14gb")  # lightest first
@@ -526,8 +526,8 @@ def test_cli_unknown_profile_is_a_clean_user_error(cli_runner) -> None:
 def test_explicit_profile_on_a_gpu_uses_the_planner_prediction(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from naruto_lora import plan
-    from naruto_lora.doctor import diagnose
+    from naruto_lora.doctor.checks import diagnose
+    from naruto_lora.plan import planner as plan
 
     asked = []
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from naruto_lora.errors import UserError
-from naruto_lora.export import export_lora
-from naruto_lora.lora import WEIGHT_NAME
-from naruto_lora.profile import load_profile
+from naruto_lora.config.profile import load_profile
+from naruto_lora.export.writers import export_lora
+from naruto_lora.lora.inject import WEIGHT_NAME
+from naruto_lora.util.errors import UserError
 from tests.conftest import invoke
 from tests.lora_factory import make_output
 
@@ -248,8 +248,8 @@ def test_lora_of_another_architecture(tmp_path, cli_runner, tiny_model_dir):
     """A LoRA trained on a UNet with another text width: the shapes do not fit the base."""
     from diffusers import UNet2DConditionModel
 
-    from naruto_lora import lora
-    from naruto_lora.profile import LoraConfig
+    from naruto_lora.config.profile import LoraConfig
+    from naruto_lora.lora import inject as lora
 
     config = dict(UNet2DConditionModel.load_config(tiny_model_dir, subfolder="unet"))
     config["cross_attention_dim"] = 64
@@ -316,7 +316,7 @@ def test_folder_with_other_files_is_not_replaced(run, tmp_path, cli_runner):
 @pytest.mark.parametrize("breakage", ["drop a module", "wrong alpha"])
 def test_a_wrong_conversion_is_caught_and_nothing_is_written(breakage, run, tmp_path, monkeypatch):
     """The check after writing is what guards users: break the converter on purpose."""
-    import naruto_lora.export as export
+    import naruto_lora.export.writers as export
 
     original = export.kohya_tensors
 

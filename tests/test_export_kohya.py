@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from naruto_lora.errors import UserError
-from naruto_lora.kohya import KOHYA_PREFIX, SgmLayout, kohya_lookup, kohya_name
+from naruto_lora.lora.kohya import KOHYA_PREFIX, SgmLayout, kohya_lookup, kohya_name
+from naruto_lora.util.errors import UserError
 
 DATA = Path(__file__).parent / "data"
 # Every kind of Linear / Conv2d layer an SDXL UNet has.

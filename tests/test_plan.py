@@ -7,14 +7,14 @@ import json
 
 import pytest
 
-from naruto_lora.memtrack import GIB
-from naruto_lora.profile import load_profile
+from naruto_lora.config.profile import load_profile
+from naruto_lora.plan.memtrack import GIB
 from tests.conftest import invoke
 
 
 @pytest.fixture(scope="module")
 def tiny_configs(tiny_model_dir):
-    from naruto_lora.plan_models import load_model_configs
+    from naruto_lora.plan.models import load_model_configs
 
     return load_model_configs(load_profile("smoke").model)
 
@@ -30,8 +30,8 @@ def tiny_configs(tiny_model_dir):
 def test_prediction_matches_a_real_run_of_the_same_step(tiny_configs, overrides):
     """Fake tensors (the prediction) and real tensors (the tiny model loaded from its folder,
     really trained for the same steps) give the same tracked peaks and split."""
-    from naruto_lora.plan_core import SimTarget
-    from naruto_lora.plan_sim import simulate_training
+    from naruto_lora.plan.core import SimTarget
+    from naruto_lora.plan.sim import simulate_training
 
     profile = load_profile("smoke", overrides=overrides)
     predicted = simulate_training(profile, tiny_configs, target=SimTarget("cpu", fake=True))
@@ -51,7 +51,7 @@ def test_prediction_matches_a_real_run_of_the_same_step(tiny_configs, overrides)
 def test_state_sizes_follow_from_the_parameter_counts(tiny_configs):
     """fp32 LoRA weights, fp32 gradients, AdamW's two fp32 moments and EMA's fp32 shadow: 4, 4,
     8 and 4 bytes per LoRA parameter (plus the allocator's 512-byte rounding per tensor)."""
-    from naruto_lora.plan_sim import simulate_training
+    from naruto_lora.plan.sim import simulate_training
 
     profile = load_profile("smoke", overrides=["train.gradient_accumulation_steps=2"])
     sim = simulate_training(profile, tiny_configs, validation=False)
@@ -64,7 +64,7 @@ def test_state_sizes_follow_from_the_parameter_counts(tiny_configs):
 
 
 def test_plan_report_arithmetic_and_cache(tiny_configs, tiny_model_dir):
-    from naruto_lora.plan import (
+    from naruto_lora.plan.planner import (
         ALLOCATOR_OVERHEAD,
         CUDA_CONTEXT_GIB,
         estimate_peak_vram_gib,
@@ -84,7 +84,7 @@ def test_plan_report_arithmetic_and_cache(tiny_configs, tiny_model_dir):
 
 
 def test_sampling_predictions_low_vram_needs_less(tiny_configs):
-    from naruto_lora.plan_pipeline import simulate_sampling
+    from naruto_lora.plan.pipeline import simulate_sampling
 
     profile = load_profile("smoke")
     full = simulate_sampling(profile, tiny_configs, low_vram=False)
@@ -99,8 +99,8 @@ def test_fit_output_reproduces_the_configuration(tiny_model_dir, tmp_path):
     confirmed, and that configuration's confirmed need is within the card."""
     import shlex
 
-    from naruto_lora.plan_fit import fit_profile, profile_toml, set_line
-    from naruto_lora.profile import parse_set
+    from naruto_lora.config.profile import parse_set
+    from naruto_lora.plan.fit import fit_profile, profile_toml, set_line
 
     profile = load_profile(
         "smoke", overrides=["train.batch_size=2", "train.gradient_accumulation_steps=2"]
@@ -146,7 +146,7 @@ def test_cli_plan_rejects_nonsense(cli_runner):
 def test_full_size_sdxl_plan_on_cpu(monkeypatch, tmp_path):
     """The 8gb recipe on the full-size SDXL architecture: the weights are the published UNet's
     2,567,463,684 parameters in fp16, the LoRA rank 4's parameters in fp32."""
-    from naruto_lora.plan import plan_profile
+    from naruto_lora.plan.planner import plan_profile
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     plan = plan_profile(load_profile("8gb"), sampling=False, use_cache=False)

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from naruto_lora import sdxl_configs
-from naruto_lora.errors import UserError
-from naruto_lora.profile import LoraConfig, load_profile
+from naruto_lora.config.profile import LoraConfig, load_profile
+from naruto_lora.models import sdxl_configs
+from naruto_lora.util.errors import UserError
 
 UNET_PARAMETERS = 2_567_463_684
 LORA_RANK_16 = 23_224_320
@@ -20,13 +20,13 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 @pytest.fixture(scope="module")
 def configs():
-    from naruto_lora.plan_models import ModelConfigs
+    from naruto_lora.plan.models import ModelConfigs
 
     return ModelConfigs(**sdxl_configs.published_configs(), source="published")
 
 
 def test_unet_has_the_published_parameter_count(configs):
-    from naruto_lora.plan_models import meta_unet
+    from naruto_lora.plan.models import meta_unet
 
     unet = meta_unet(configs, torch.float16)
     count = sum(p.numel() for p in unet.parameters())
@@ -48,8 +48,8 @@ def _lora_by_formula(unet: torch.nn.Module, rank: int) -> int:
 
 @pytest.mark.parametrize(("rank", "expected"), [(16, LORA_RANK_16), (8, LORA_RANK_8)])
 def test_lora_parameter_counts(configs, rank, expected):
-    from naruto_lora.lora import inject_lora
-    from naruto_lora.plan_models import meta_unet, on_meta
+    from naruto_lora.lora.inject import inject_lora
+    from naruto_lora.plan.models import meta_unet, on_meta
 
     unet = meta_unet(configs, torch.float16)
     formula = _lora_by_formula(unet, rank)
@@ -60,7 +60,7 @@ def test_lora_parameter_counts(configs, rank, expected):
 
 
 def test_text_encoders_hold_about_0_82_billion_parameters(configs):
-    from naruto_lora.plan_models import meta_text_encoders
+    from naruto_lora.plan.models import meta_text_encoders
 
     encoders = meta_text_encoders(configs, torch.float16)
     count = sum(p.numel() for e in encoders for p in e.parameters())
@@ -76,7 +76,7 @@ def test_vae_config_matches_sdxl_scale(configs):
 
 
 def test_local_folder_configs_are_read_not_assumed(tiny_model_dir):
-    from naruto_lora.plan_models import load_model_configs
+    from naruto_lora.plan.models import load_model_configs
 
     profile = load_profile("smoke")
     found = load_model_configs(profile.model, str(tiny_model_dir))
@@ -89,7 +89,7 @@ def test_local_folder_configs_are_read_not_assumed(tiny_model_dir):
 
 
 def test_uncached_hub_id_falls_back_to_published_configs_and_says_so(monkeypatch, tmp_path):
-    from naruto_lora.plan_models import load_model_configs
+    from naruto_lora.plan.models import load_model_configs
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     profile = load_profile("14gb")
@@ -102,7 +102,7 @@ def test_uncached_hub_id_falls_back_to_published_configs_and_says_so(monkeypatch
 def test_a_non_sdxl_folder_is_a_user_error(tmp_path, tiny_model_dir):
     import shutil
 
-    from naruto_lora.plan_models import load_model_configs
+    from naruto_lora.plan.models import load_model_configs
 
     folder = tmp_path / "sd15-like"
     shutil.copytree(tiny_model_dir, folder)

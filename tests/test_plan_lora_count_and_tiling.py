@@ -6,14 +6,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from naruto_lora.profile import load_profile
+from naruto_lora.config.profile import load_profile
 from tests.conftest import invoke
 
 
 def test_plan_prints_the_trainable_lora_parameter_count(cli_runner, tiny_model_dir: Path):
     from diffusers import UNet2DConditionModel
 
-    from naruto_lora.lora import inject_lora
+    from naruto_lora.lora.inject import inject_lora
 
     profile = load_profile("smoke")
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
@@ -24,7 +24,7 @@ def test_plan_prints_the_trainable_lora_parameter_count(cli_runner, tiny_model_d
 
 
 def model_for(profile, validation_activations: int):
-    from naruto_lora.plan_fit import MemoryModel
+    from naruto_lora.plan.fit import MemoryModel
 
     return MemoryModel(
         base=profile,
@@ -41,7 +41,7 @@ def model_for(profile, validation_activations: int):
 
 
 def test_fit_may_decode_validation_samples_in_tiles() -> None:
-    from naruto_lora.plan_fit import candidates, current_candidate
+    from naruto_lora.plan.fit import candidates, current_candidate
 
     profile = load_profile("14gb")  # 1024 px, validation every 500 steps
     found = list(candidates(profile))

@@ -8,7 +8,7 @@ import gc
 import pytest
 import torch
 
-from naruto_lora.memtrack import (
+from naruto_lora.plan.memtrack import (
     CUDA_BLOCK_BYTES,
     HOST_PREFIX,
     AllocationTracker,

@@ -9,10 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from naruto_lora import hookspecs
-from naruto_lora.errors import UserError
-from naruto_lora.plugins import build_plugin_manager, discover_plugins, plugin_hooks
-from naruto_lora.profile import load_profile
+from naruto_lora.config.profile import load_profile
+from naruto_lora.plugins.manager import (
+    build_plugin_manager,
+    discover_plugins,
+    hookspecs,
+    plugin_hooks,
+)
+from naruto_lora.util.errors import UserError
 from tests.conftest import invoke
 
 BUILTINS = {"ema", "offset_noise", "min_snr", "sdpa", "gradient_checkpointing"}
@@ -26,7 +30,7 @@ def third_party_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     (site / "nlora_sharpen" / "__init__.py").write_text(
         textwrap.dedent("""
         from dataclasses import dataclass
-        from naruto_lora.hookspecs import hookimpl
+        from naruto_lora.plugins.hookspecs import hookimpl
 
         @dataclass(frozen=True)
         class SharpenConfig:

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from naruto_lora.errors import UserError
-from naruto_lora.lora import EMA_SUBFOLDER, inject_lora, lora_state_dict
-from naruto_lora.plugins import build_plugin_manager
-from naruto_lora.profile import load_profile
+from naruto_lora.config.profile import load_profile
+from naruto_lora.lora.inject import EMA_SUBFOLDER, inject_lora, lora_state_dict
+from naruto_lora.plugins.manager import build_plugin_manager
 from naruto_lora.train.state import TrainState
+from naruto_lora.util.errors import UserError
 
 T = 1000
 

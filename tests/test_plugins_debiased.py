@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from naruto_lora.errors import UserError
+from naruto_lora.util.errors import UserError
 from tests.test_plugins_behaviour import independent_snr, make_state, pm_with, snr_scheduler
 
 T = 1000

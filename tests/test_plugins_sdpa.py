@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from naruto_lora.errors import UserError
-from naruto_lora.lora import inject_lora
-from naruto_lora.plugins import build_plugin_manager
-from naruto_lora.profile import load_profile
+from naruto_lora.config.profile import load_profile
+from naruto_lora.lora.inject import inject_lora
+from naruto_lora.plugins.manager import build_plugin_manager
+from naruto_lora.util.errors import UserError
 
 FLASH_CPU_OP = "aten._scaled_dot_product_flash_attention_for_cpu"
 
@@ -139,8 +139,8 @@ def test_a_kernel_that_does_not_run_here_is_a_user_error(unet) -> None:
 def test_the_planner_counts_fused_kernels_as_fused_and_math_as_math(tiny_model_dir) -> None:
     """On the planner's fake tensors every fused CUDA kernel (also those the CPU lacks) is
     counted as the CPU flash kernel, O(tokens) memory; math keeps its attention matrix."""
-    from naruto_lora.plan_models import load_model_configs
-    from naruto_lora.plan_sim import simulate_training
+    from naruto_lora.plan.models import load_model_configs
+    from naruto_lora.plan.sim import simulate_training
 
     peaks = {}
     for backend in ("efficient", "flash", "math"):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from naruto_lora.errors import UserError
-from naruto_lora.plugins import build_plugin_manager
-from naruto_lora.profile import load_profile
+from naruto_lora.config.profile import load_profile
+from naruto_lora.plugins.manager import build_plugin_manager
+from naruto_lora.util.errors import UserError
 
 
 def tiled(tile_px: int):
@@ -54,9 +54,9 @@ def test_decode_goes_tile_by_tile_as_diffusers_tiles_and_encoding_is_untouched(
 def test_tiles_lower_the_decode_peak_and_the_planner_applies_them(tiny_model_dir: Path) -> None:
     from diffusers import AutoencoderKL
 
-    from naruto_lora.memtrack import AllocationTracker
-    from naruto_lora.plan_models import load_model_configs
-    from naruto_lora.plan_sim import simulate_training
+    from naruto_lora.plan.memtrack import AllocationTracker
+    from naruto_lora.plan.models import load_model_configs
+    from naruto_lora.plan.sim import simulate_training
 
     latents = torch.randn(1, 4, 128, 128)  # 256 px
     peaks = {}

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from naruto_lora.errors import UserError
-from naruto_lora.profile import builtin_profile_names, load_profile, parse_set
+from naruto_lora.config.profile import builtin_profile_names, load_profile, parse_set
+from naruto_lora.util.errors import UserError
 from tests.conftest import invoke
 
 

@@ -108,7 +108,7 @@ def test_a_shard_cut_short_while_in_use_is_a_message_not_sigbus(tmp_path):
     import torch
 
     from naruto_lora.cache.shards import ShardReader, write_shard
-    from naruto_lora.errors import UserError
+    from naruto_lora.util.errors import UserError
 
     path = tmp_path / "latents-00aa.safetensors"
     write_shard(path, {"000000.latents": torch.ones(4, 64, 64)}, {"kind": "latents"})

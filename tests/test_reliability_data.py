@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from naruto_lora.data import scan_source
-from naruto_lora.errors import UserError
+from naruto_lora.data.sources import scan_source
+from naruto_lora.util.errors import UserError
 from tests.conftest import invoke
 from tests.test_data import data_cfg, noise_image
 

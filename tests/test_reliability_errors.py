@@ -8,7 +8,7 @@ import pickle
 import subprocess
 import sys
 
-from naruto_lora.errors import UserError, as_user_error
+from naruto_lora.util.errors import UserError, as_user_error
 
 
 def test_machine_faults_become_messages_and_bugs_do_not() -> None:

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from naruto_lora.lora import WEIGHT_NAME
+from naruto_lora.lora.inject import WEIGHT_NAME
 from tests.conftest import invoke
 from tests.lora_factory import make_output
 
@@ -158,7 +158,7 @@ def test_kohya_metadata_has_the_required_modelspec_keys_and_no_local_paths(
 
 
 def test_shareable_model_name() -> None:
-    from naruto_lora.export import shareable_model_name
+    from naruto_lora.export.writers import shareable_model_name
 
     assert shareable_model_name("stabilityai/stable-diffusion-xl-base-1.0") == (
         "stabilityai/stable-diffusion-xl-base-1.0"
@@ -173,8 +173,8 @@ def test_the_export_check_holds_one_module_delta_at_a_time(run, tmp_path, monkey
     """Each loaded delta is freed before the next is computed (all at once: 3.6 GiB on SDXL)."""
     from peft.tuners.lora import layer
 
-    from naruto_lora.export import export_lora
-    from naruto_lora.profile import load_profile
+    from naruto_lora.config.profile import load_profile
+    from naruto_lora.export.writers import export_lora
 
     alive: list[weakref.ref] = []
     most = 0
@@ -209,7 +209,7 @@ def test_kohya_files_with_conv_and_embedding_keys_load_in_the_lowest_diffusers_a
 
     from packaging.version import Version
 
-    from naruto_lora.profile import tomllib  # tomli before Python 3.11
+    from naruto_lora.config.profile import tomllib  # tomli before Python 3.11
 
     declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     bound = next(d for d in declared["project"]["dependencies"] if d.startswith("diffusers"))
@@ -230,7 +230,7 @@ def test_a_full_disk_during_export_keeps_the_file_that_was_there(
 ):
     import errno
 
-    import naruto_lora.io as io
+    import naruto_lora.util.io as io
 
     out = tmp_path / "kept.safetensors"
     assert export(cli_runner, run, out).exit_code == 0
@@ -250,7 +250,7 @@ def test_sampling_into_a_read_only_folder_is_a_message(run, tmp_path, cli_runner
     import contextlib
     import errno
 
-    import naruto_lora.io as io
+    import naruto_lora.util.io as io
 
     @contextlib.contextmanager
     def denied(path):

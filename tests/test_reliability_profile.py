@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from naruto_lora.hookspecs import hookimpl
+from naruto_lora.plugins.hookspecs import hookimpl
 from tests.conftest import invoke
 
 
@@ -87,7 +87,7 @@ class Sharpen:
 
 @pytest.fixture()
 def sharpen_installed(monkeypatch):
-    import naruto_lora.plugins as plugins
+    import naruto_lora.plugins.manager as plugins
 
     monkeypatch.setattr(
         plugins, "entry_point_plugins", lambda: {"sharpen": (Sharpen, "entry point 'sharpen'")}

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from naruto_lora.errors import UserError
-from naruto_lora.hookspecs import hookimpl
-from naruto_lora.lora import WEIGHT_NAME
+from naruto_lora.lora.inject import WEIGHT_NAME
+from naruto_lora.plugins.hookspecs import hookimpl
 from naruto_lora.train import TrainOptions, train
 from naruto_lora.train.checkpoint import verify_checkpoint
 from naruto_lora.train.lock import LOCK_NAME
 from naruto_lora.train.metrics import read_metrics
+from naruto_lora.util.errors import UserError
 from tests.conftest import invoke
 from tests.train_support import SignalAt, cli_args, plugin_manager, tiny_profile
 
@@ -289,7 +289,7 @@ class AlwaysNaN:
 
 
 def with_plugin(monkeypatch, plugin) -> None:
-    import naruto_lora.plugins as plugins
+    import naruto_lora.plugins.manager as plugins
 
     real = plugins.build_plugin_manager
 
@@ -328,7 +328,7 @@ def test_a_run_that_ends_early_on_skipped_updates_is_not_a_success(
 def test_a_full_disk_during_a_checkpoint_is_a_message_and_earlier_ones_survive(
     cli_runner, cache_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    import naruto_lora.io as io
+    import naruto_lora.util.io as io
 
     out = tmp_path / "run"
     real, calls = io.torch_save, []
@@ -349,7 +349,7 @@ def test_a_full_disk_during_a_checkpoint_is_a_message_and_earlier_ones_survive(
 def test_a_read_only_output_folder_is_a_message(
     cli_runner, cache_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    import naruto_lora.io as io
+    import naruto_lora.util.io as io
 
     out = tmp_path / "run"
 
@@ -369,7 +369,7 @@ def test_os_faults_of_the_writers_are_oserrors_naming_the_file(tmp_path: Path, m
     import safetensors.torch
     from safetensors import SafetensorError
 
-    from naruto_lora.io import save_safetensors, torch_save
+    from naruto_lora.util.io import save_safetensors, torch_save
 
     def full(*a, **k):  # what safetensors raises on a full disk
         raise SafetensorError(
@@ -418,7 +418,7 @@ def test_a_damaged_profile_toml_never_advises_deleting_the_checkpoints(
 
 def test_atomic_folders_are_fsynced_before_the_rename(tmp_path: Path, monkeypatch) -> None:
     """A power cut after the rename must not find a "complete" checkpoint of empty files."""
-    import naruto_lora.io as io
+    import naruto_lora.util.io as io
 
     events: list[tuple[str, str]] = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -456,7 +456,7 @@ def test_a_run_a_step_short_of_many_is_done_with_a_warning() -> None:
 
 
 def test_plugins_that_compute_the_same_training_may_change_on_resume() -> None:
-    from naruto_lora.profile import load_profile
+    from naruto_lora.config.profile import load_profile
     from naruto_lora.train.resume import settings_changes
 
     class Tiling:

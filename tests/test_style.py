@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from naruto_lora import style, toy
+from naruto_lora.demo import style, toy
 
 
 def _scenes(step: int = 1) -> list[toy.Scene]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from naruto_lora import toy
-from naruto_lora.models import resolve_data, resolve_model
+from naruto_lora.demo import toy
+from naruto_lora.models.loading import resolve_data, resolve_model
 
 
 def _digest(folder: Path) -> str:
@@ -63,7 +63,7 @@ def test_toy_base_id_resolves_to_the_committed_model() -> None:
 
 
 def test_missing_toy_base_is_a_user_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from naruto_lora.errors import UserError
+    from naruto_lora.util.errors import UserError
 
     monkeypatch.setattr(toy, "toy_base_dir", lambda: tmp_path / "nothing")
     with pytest.raises(UserError, match="toy base model is missing"):

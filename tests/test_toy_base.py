@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from naruto_lora import style, toy
+from naruto_lora.demo import style, toy
 
 # Seen captions (the base was trained on every plain scene) and the held-out prompts.
 PROMPTS = [
@@ -35,7 +35,7 @@ def toy_pipe():
 
 
 def test_toy_base_is_sdxl_architecture_with_its_own_latent_numbers(toy_pipe) -> None:
-    from naruto_lora.models import latent_scale
+    from naruto_lora.models.loading import latent_scale
 
     assert toy_pipe.unet.config.addition_embed_type == "text_time"
     factor, scaling, _ = latent_scale(toy_pipe.vae)

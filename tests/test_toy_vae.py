@@ -3,7 +3,7 @@
 
 Measured through diffusers' ``AutoencoderKL`` alone: encode to the posterior mean, decode, compare
 on the [0, 1] scale. The VAE never saw the style set; it learnt random drawings
-(``naruto_lora.toy.random_drawing``), of which the style set is one corner.
+(``naruto_lora.demo.toy.random_drawing``), of which the style set is one corner.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from naruto_lora import toy
+from naruto_lora.demo import toy
 
 GATE_DB = 26.0  # issue 15's gate
 # What the committed VAE measures (benchmarks/RESULTS.md): style 24.2, plain 28.5, random 24.0 dB,

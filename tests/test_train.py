@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from naruto_lora.errors import UserError
-from naruto_lora.lora import EMA_SUBFOLDER, WEIGHT_NAME
-from naruto_lora.profile import load_profile
+from naruto_lora.config.profile import load_profile
+from naruto_lora.lora.inject import EMA_SUBFOLDER, WEIGHT_NAME
 from naruto_lora.train import TrainOptions, train
 from naruto_lora.train.metrics import METRIC_FIELDS, read_metrics
+from naruto_lora.util.errors import UserError
 from tests.conftest import invoke
 from tests.train_support import (
     ALL_PLUGINS,
@@ -133,7 +133,7 @@ def test_training_lowers_the_denoising_loss(
     training streams): the trained LoRA beats the base model."""
     from diffusers import UNet2DConditionModel
 
-    from naruto_lora.models import load_noise_scheduler
+    from naruto_lora.models.loading import load_noise_scheduler
     from naruto_lora.train.evaluate import denoising_loss
 
     profile = tiny_profile(

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from naruto_lora.lora import EMA_SUBFOLDER, WEIGHT_NAME
+from naruto_lora.lora.inject import EMA_SUBFOLDER, WEIGHT_NAME
 from naruto_lora.train import TrainOptions, train
 from naruto_lora.train.metrics import read_metrics
 from tests.train_support import (

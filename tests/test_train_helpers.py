@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from naruto_lora.errors import UserError
-from naruto_lora.profile import load_profile, write_resolved
+from naruto_lora.config.profile import load_profile, write_resolved
 from naruto_lora.train.guard import NonFiniteGuard, explain_out_of_memory, stop_on_signals
 from naruto_lora.train.metrics import MetricsLog, SmoothedValue, plot_loss, read_metrics
 from naruto_lora.train.objective import (
@@ -28,6 +27,7 @@ from naruto_lora.train.objective import (
 from naruto_lora.train.outputs import check_output_folder
 from naruto_lora.train.rng import capture_rng, restore_rng
 from naruto_lora.train.schedule import make_lr_scheduler, make_optimizer, plan_total_steps
+from naruto_lora.util.errors import UserError
 
 # --------------------------------------------------------------------------- schedule
 

@@ -22,12 +22,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from naruto_lora.errors import UserError
-from naruto_lora.lora import WEIGHT_NAME
+from naruto_lora.lora.inject import WEIGHT_NAME
 from naruto_lora.train.checkpoint import INFO_NAME, PARAMS_NAME, STATE_NAME, check_checkpoint
 from naruto_lora.train.launch import accelerate_args, check_process_count, forwarded_args
 from naruto_lora.train.metrics import read_metrics
 from naruto_lora.train.outputs import run_identity
+from naruto_lora.util.errors import UserError
 from tests.conftest import invoke
 from tests.train_support import cli_args, tiny_profile
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from naruto_lora import hookspecs
-from naruto_lora.errors import UserError
-from naruto_lora.lora import EMA_SUBFOLDER, WEIGHT_NAME
+from naruto_lora.lora.inject import EMA_SUBFOLDER, WEIGHT_NAME
+from naruto_lora.plugins import hookspecs
 from naruto_lora.train import TrainOptions, train
 from naruto_lora.train.metrics import read_metrics
+from naruto_lora.util.errors import UserError
 from tests.conftest import invoke
 from tests.train_support import (
     ALL_PLUGINS,
@@ -130,7 +130,7 @@ def test_resume_from_another_runs_checkpoint_is_refused(cache_dir: Path, tmp_pat
 def test_ctrl_c_through_the_cli_checkpoints_and_says_how_to_resume(
     cli_runner, cache_dir: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    import naruto_lora.plugins as plugins
+    import naruto_lora.plugins.manager as plugins
 
     out = tmp_path / "cli"
     build = plugins.build_plugin_manager

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from naruto_lora.hookspecs import hookimpl
-from naruto_lora.profile import Profile, load_profile
+from naruto_lora.config.profile import Profile, load_profile
+from naruto_lora.plugins.hookspecs import hookimpl
 
 ALL_PLUGINS = ["ema", "offset_noise", "min_snr", "sdpa", "gradient_checkpointing"]
 # Small and fast: the built-in tiny model and shapes (pinned, whatever the tiny profile points
@@ -85,7 +85,7 @@ class NaNLossWeights:
 
 
 def plugin_manager(profile: Profile, *extra: Any) -> Any:
-    from naruto_lora.plugins import build_plugin_manager
+    from naruto_lora.plugins.manager import build_plugin_manager
 
     pm = build_plugin_manager(profile)
     for i, plugin in enumerate(extra):

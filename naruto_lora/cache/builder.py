@@ -23,7 +23,7 @@ import torch
 from naruto_lora.cache import manifest
 from naruto_lora.cache.manifest import Entry, Index
 from naruto_lora.cache.shards import CorruptShard, ShardReader, verify_shard, write_shard
-from naruto_lora.data import Skipped
+from naruto_lora.data.sources import Skipped
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def check_free_space(folder: Path, entry_bytes: float, entries: int) -> None:
     (estimated from the first shard; 5% spare for the index and file system)."""
     import shutil
 
-    from naruto_lora.errors import UserError
+    from naruto_lora.util.errors import UserError
 
     needed = entry_bytes * max(entries, 0) * 1.05
     free = shutil.disk_usage(folder).free
@@ -308,7 +308,7 @@ def _build(
     report: BuildReport,
     failures: dict[str, str],
 ) -> None:
-    from naruto_lora.console import progress as progress_bar
+    from naruto_lora.util.console import progress as progress_bar
 
     index = state.index
     index.common = common
@@ -345,7 +345,7 @@ def _build(
 def open_readers(folder: Path, index: Index, names: set[str]) -> dict[str, ShardReader]:
     """Map the shards an index names, checking each one's size first (cheap, catches
     truncation); content checksums are verified by :func:`assess` when a cache is ensured."""
-    from naruto_lora.errors import UserError
+    from naruto_lora.util.errors import UserError
 
     readers = {}
     for name in sorted(names):
@@ -387,7 +387,7 @@ class ReadyCache:
     @classmethod
     def open(cls, folder: Path | str) -> ReadyCache:
         """Open a cache as it is on disk (no data set, no profile): for info and benchmarks."""
-        from naruto_lora.errors import UserError
+        from naruto_lora.util.errors import UserError
 
         index = manifest.read_index(Path(folder), cls.kind)
         if index is None:

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from naruto_lora.cache.latents import ItemMeta, LatentCache
 from naruto_lora.cache.text import COMMAND as TEXT_COMMAND
 from naruto_lora.cache.text import TextCache
-from naruto_lora.data import (
+from naruto_lora.data.sources import (
     CropPlan,
     ImageError,
     Skipped,
@@ -32,7 +32,7 @@ from naruto_lora.data import (
     scan_source,
     time_ids,
 )
-from naruto_lora.errors import UserError
+from naruto_lora.util.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class TrainDataset(Dataset):
 def _pixel_items(profile: Any) -> tuple[list[ItemMeta], list[PixelSource]]:
     """Plan the data set and decode every image once, so a bad file fails now (with the
     others skipped and listed) rather than in the middle of training."""
-    from naruto_lora.console import err_console, progress
+    from naruto_lora.util.console import err_console, progress
 
     scan = scan_source(profile.data)
     with progress("image") as bar:

@@ -14,8 +14,8 @@ from naruto_lora.cache import manifest
 from naruto_lora.cache.builder import open_readers
 from naruto_lora.cache.manifest import Index
 from naruto_lora.cache.shards import verify_shard
-from naruto_lora.errors import UserError
-from naruto_lora.io import atomic_save_safetensors
+from naruto_lora.util.errors import UserError
+from naruto_lora.util.io import atomic_save_safetensors
 
 KINDS = ("latents", "text")
 

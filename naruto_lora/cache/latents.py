@@ -18,7 +18,7 @@ import torch
 from naruto_lora.cache import manifest
 from naruto_lora.cache.builder import BuildReport, Planned, ReadyCache, sync_cache
 from naruto_lora.cache.manifest import Index, fingerprint
-from naruto_lora.data import (
+from naruto_lora.data.sources import (
     RESAMPLE,
     CropPlan,
     ImageError,
@@ -31,7 +31,7 @@ from naruto_lora.data import (
     preprocess,
     scan_source,
 )
-from naruto_lora.errors import UserError
+from naruto_lora.util.errors import UserError
 
 KIND = "latents"
 STORE_DTYPE = torch.float16
@@ -100,7 +100,7 @@ def latent_common(model_cfg: Any, data_cfg: Any) -> dict[str, Any]:
     """
     from diffusers import AutoencoderKL
 
-    from naruto_lora.models import resolve_model
+    from naruto_lora.models.loading import resolve_model
 
     vae_id, subfolder, revision = _vae_location(model_cfg)
     resolved = resolve_model(vae_id)
@@ -160,7 +160,7 @@ def vae_encoder(model_cfg: Any, device: torch.device):
     The VAE runs in fp16 only on a GPU and only when it is fp16-safe (SDXL's own VAE overflows
     to NaN in fp16); otherwise fp32.
     """
-    from naruto_lora.models import latent_scale, load_vae, vae_is_fp16_safe
+    from naruto_lora.models.loading import latent_scale, load_vae, vae_is_fp16_safe
 
     probe = load_vae(model_cfg, torch.float32)
     dtype = torch.float32
@@ -241,7 +241,7 @@ class LatentCache(ReadyCache):
 def _print_warnings(messages: list[str]) -> None:
     from rich.markup import escape
 
-    from naruto_lora.console import err_console
+    from naruto_lora.util.console import err_console
 
     for message in messages:
         err_console.print(f"[yellow]warning:[/] {escape(message)}")
@@ -277,7 +277,7 @@ def plan_latent_entries(
     profile: Any, strict: bool = False
 ) -> tuple[list[Planned], list[Skipped], dict[str, Any], Any]:
     """Scan the data, hash and plan every item: (entries, skipped, common fields, scan)."""
-    from naruto_lora.console import progress
+    from naruto_lora.util.console import progress
 
     scan = scan_source(profile.data, strict=strict)
     _print_warnings(scan.warnings)

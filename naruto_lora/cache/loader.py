@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from naruto_lora.errors import UserError
+from naruto_lora.util.errors import UserError
 
 
 class BucketBatchSampler:

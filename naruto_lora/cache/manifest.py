@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from naruto_lora.errors import UserError
-from naruto_lora.io import atomic_write_text
+from naruto_lora.util.errors import UserError
+from naruto_lora.util.io import atomic_write_text
 
 FORMAT = "nlora-cache"
 VERSION = 1
@@ -202,7 +202,7 @@ def build_lock(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            from naruto_lora.console import err_console
+            from naruto_lora.util.console import err_console
 
             err_console.print(f"Waiting for another nlora process building the cache '{folder}'...")
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from naruto_lora.io import atomic_save_safetensors
+from naruto_lora.util.io import atomic_save_safetensors
 
 DTYPES = {
     "F16": torch.float16,
@@ -119,7 +119,7 @@ class ShardReader:
         except OSError:
             return  # deleted: the map keeps the old file alive
         if (stat.st_dev, stat.st_ino) == self._inode and stat.st_size < self._size:
-            from naruto_lora.errors import UserError
+            from naruto_lora.util.errors import UserError
 
             raise UserError(
                 f"The cache shard '{self.path}' was cut short while in use ({self._size} bytes "

@@ -19,8 +19,8 @@ from naruto_lora.cache import manifest
 from naruto_lora.cache.builder import BuildReport, Planned, ReadyCache, assess, sync_cache
 from naruto_lora.cache.latents import resolve_device
 from naruto_lora.cache.manifest import Index, fingerprint
-from naruto_lora.data import Skipped, check_usable, scan_source
-from naruto_lora.errors import UserError
+from naruto_lora.data.sources import Skipped, check_usable, scan_source
+from naruto_lora.util.errors import UserError
 
 KIND = "text"
 STORE_DTYPE = torch.float16
@@ -57,7 +57,7 @@ class TextModelFacts:
 def text_model_facts(model_cfg: Any) -> TextModelFacts:
     from transformers import CLIPTextConfig, CLIPTokenizer
 
-    from naruto_lora.models import resolve_model
+    from naruto_lora.models.loading import resolve_model
 
     model_id = resolve_model(model_cfg.pretrained)
     revision = {"revision": model_cfg.revision} if model_cfg.revision else {}
@@ -89,7 +89,7 @@ def text_model_facts(model_cfg: Any) -> TextModelFacts:
 
 
 def text_common(model_cfg: Any, facts: TextModelFacts) -> dict[str, Any]:
-    from naruto_lora.models import resolve_model
+    from naruto_lora.models.loading import resolve_model
 
     resolved = resolve_model(model_cfg.pretrained)
     return {
@@ -108,7 +108,7 @@ def text_common(model_cfg: Any, facts: TextModelFacts) -> dict[str, Any]:
 
 def clip_encoder(model_cfg: Any, device: torch.device):
     """(prepare, encode) for the builder. fp16 on a GPU (CLIP is fp16-safe), fp32 on a CPU."""
-    from naruto_lora.models import encode_prompts, load_text_encoders
+    from naruto_lora.models.loading import encode_prompts, load_text_encoders
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     text = load_text_encoders(model_cfg, dtype)

@@ -79,7 +79,7 @@ def _print_report(report: Any, label: str) -> None:
     from rich.markup import escape
 
     from naruto_lora.cache import manifest
-    from naruto_lora.console import console
+    from naruto_lora.util.console import console
 
     console.print(
         f"[bold]{label}[/] [green]ready[/] in {escape(str(report.folder))}: {report.reused} reused, "
@@ -114,7 +114,7 @@ def register(cli: click.Group) -> None:
         belongs, and resumes an interrupted run. Bad images are skipped and listed.
         """
         from naruto_lora.cache import ensure_latent_cache
-        from naruto_lora.console import console
+        from naruto_lora.util.console import console
 
         profile = _profile(kwargs)
         if not profile.cache.latents:
@@ -136,7 +136,7 @@ def register(cli: click.Group) -> None:
     def text(device: str, batch_size: int, strict: bool, to_disk: bool, **kwargs: Any) -> None:
         """Encode every distinct caption with both CLIP encoders into the text cache."""
         from naruto_lora.cache import ensure_text_cache
-        from naruto_lora.console import console
+        from naruto_lora.util.console import console
 
         profile = _profile(kwargs)
         if profile.cache.text != "disk":
@@ -165,7 +165,7 @@ def register(cli: click.Group) -> None:
     def info(folder: Path, item: int | None, dump: Path | None) -> None:
         """Show what the cache FOLDER holds (cache.dir, or its latents/ or text/ subfolder)."""
         from naruto_lora.cache.info import find_caches, summarize
-        from naruto_lora.errors import UserError
+        from naruto_lora.util.errors import UserError
 
         folders = find_caches(folder)
         if dump is not None and item is None:
@@ -187,7 +187,7 @@ def _describe_text(profile: Any) -> None:
     from rich.markup import escape
 
     from naruto_lora.cache.text import plan_text_cache
-    from naruto_lora.console import console
+    from naruto_lora.util.console import console
 
     plan = plan_text_cache(profile)
     seq, dim = plan.facts.prompt_shape
@@ -204,7 +204,7 @@ def _print_summary(summary: Any) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from naruto_lora.console import console
+    from naruto_lora.util.console import console
 
     table = Table(
         title=f"{summary.kind} cache {summary.folder}", show_header=False, title_justify="left"
@@ -243,7 +243,7 @@ def _show_item(folder: Path, number: int, dump: Path | None) -> None:
     from rich.markup import escape
 
     from naruto_lora.cache.info import dump_item
-    from naruto_lora.console import console
+    from naruto_lora.util.console import console
 
     with tempfile.TemporaryDirectory() as tmp:
         target = dump if dump is not None else Path(tmp) / "item.safetensors"

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from naruto_lora.errors import UserError, as_user_error
+from naruto_lora.util.errors import UserError, as_user_error
 
 
 def _debug_requested(argv: list[str] | None) -> bool:
@@ -21,14 +21,14 @@ def _debug_requested(argv: list[str] | None) -> bool:
 def print_user_error(exc: UserError) -> None:
     from rich.markup import escape
 
-    from naruto_lora.console import err_console
+    from naruto_lora.util.console import err_console
 
     err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
 
 
 def run_guarded(cli: click.Group, argv: list[str] | None = None) -> int:
     """Run the CLI; a UserError becomes a one-paragraph message and a non-zero exit code."""
-    from naruto_lora.console import err_console
+    from naruto_lora.util.console import err_console
 
     try:
         result = cli.main(args=argv, prog_name="nlora", standalone_mode=False)
@@ -119,7 +119,7 @@ def load_profile_from_options(kwargs: dict[str, Any]):
     """Pop the profile options from a command's kwargs and resolve the profile."""
     import json
 
-    from naruto_lora.profile import SHORTHANDS, load_profile
+    from naruto_lora.config.profile import SHORTHANDS, load_profile
 
     overrides = list(kwargs.pop("overrides", ()))
     for option, key in SHORTHANDS.items():

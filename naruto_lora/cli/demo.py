@@ -7,7 +7,7 @@ import time
 import click
 
 from naruto_lora.cli.common import GuardedCommand
-from naruto_lora.errors import UserError
+from naruto_lora.util.errors import UserError
 
 
 def _phases(
@@ -84,8 +84,8 @@ def register(cli: click.Group) -> None:
         Everything (the tiny SDXL-architecture model and the generated data set) is created
         locally on first use; nothing is downloaded.
         """
-        from naruto_lora.console import console
-        from naruto_lora.profile import load_profile
+        from naruto_lora.config.profile import load_profile
+        from naruto_lora.util.console import console
 
         profile = load_profile(profile_name)
         steps = steps or profile.train.max_steps

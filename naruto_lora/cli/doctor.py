@@ -14,7 +14,7 @@ from naruto_lora.cli.common import GuardedCommand, load_profile_from_options, pr
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from naruto_lora.doctor import DoctorReport
+    from naruto_lora.doctor.checks import DoctorReport
 
 # Without --profile, doctor looks at the default recipe's assets and paths but never fails.
 DEFAULT_PROFILE = "14gb"
@@ -60,8 +60,8 @@ def register(cli: click.Group) -> None:
     def doctor(ctx: click.Context, as_json: bool, quick: bool, **kwargs: Any) -> None:
         """Check this machine (Python, torch, CUDA, GPUs, RAM, disk, packages, model and data
         availability, hub access) and recommend a profile for its largest GPU."""
-        from naruto_lora.console import err_console
-        from naruto_lora.doctor import diagnose, gather_facts
+        from naruto_lora.doctor.checks import diagnose, gather_facts
+        from naruto_lora.util.console import err_console
 
         explicit = kwargs["profile_name"] is not None
         if not explicit:
@@ -179,7 +179,7 @@ def _checks_table(report: DoctorReport):
 
 
 def render(report: DoctorReport, console: Console | None = None) -> None:
-    from naruto_lora.console import console as default_console
+    from naruto_lora.util.console import console as default_console
 
     out = console or default_console
     for make in (_system_table, _gpu_table, _packages_table, _assets_table, _checks_table):

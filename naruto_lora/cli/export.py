@@ -15,7 +15,7 @@ from naruto_lora.cli.lora_source import lora_options, resolve_lora_source
 def _report(result: Any) -> None:
     from rich.table import Table
 
-    from naruto_lora.console import console
+    from naruto_lora.util.console import console
 
     meta = result.metadata
     table = Table(show_header=False, box=None)
@@ -43,7 +43,7 @@ def _report(result: Any) -> None:
 
 
 def register(cli: click.Group) -> None:
-    from naruto_lora.export import EXPORT_DTYPES, FORMATS
+    from naruto_lora.export.writers import EXPORT_DTYPES, FORMATS
 
     @cli.command("export", cls=GuardedCommand)
     @lora_options
@@ -101,7 +101,7 @@ def register(cli: click.Group) -> None:
         nlora export --lora output/naruto --format merged --scale 0.8 --out naruto-sdxl
         """
         from naruto_lora.cli.sample import quiet_loading
-        from naruto_lora.export import export_lora
+        from naruto_lora.export.writers import export_lora
 
         lora_file, profile, run_profile = resolve_lora_source(ctx, kwargs)
         quiet_loading()

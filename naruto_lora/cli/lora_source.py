@@ -53,7 +53,10 @@ def _load_run_profile(path: Path) -> Any:
     file, and every run's file is called profile.toml)."""
     import dataclasses
 
-    from naruto_lora.profile import load_profile, tomllib  # tomllib, or tomli before Python 3.11
+    from naruto_lora.config.profile import (  # tomllib, or tomli before Python 3.11
+        load_profile,
+        tomllib,
+    )
 
     profile = load_profile(str(path))
     name = tomllib.loads(path.read_text(encoding="utf-8")).get("name")
@@ -63,7 +66,7 @@ def _load_run_profile(path: Path) -> Any:
 def resolve_lora_source(ctx: click.Context, kwargs: dict[str, Any]) -> tuple[Path, Any, Any]:
     """Pop the LoRA and profile options from ``kwargs``; return (weights file, profile to use,
     the run's own profile or None). Facts about the training come only from the latter."""
-    from naruto_lora.lora import find_lora_file
+    from naruto_lora.lora.inject import find_lora_file
 
     lora_path, ema = kwargs.pop("lora_path"), kwargs.pop("ema")
     profile_given = ctx.get_parameter_source("profile_name") not in (

@@ -12,8 +12,8 @@ import click
 from naruto_lora.cli.common import GuardedCommand, load_profile_from_options, profile_options
 
 if TYPE_CHECKING:
-    from naruto_lora.plan import Plan
-    from naruto_lora.plan_fit import FitResult
+    from naruto_lora.plan.fit import FitResult
+    from naruto_lora.plan.planner import Plan
 
 PHASES = ("building the models", "training step", "validation sample")
 
@@ -67,7 +67,7 @@ def register(cli: click.Group) -> None:
         with and without --low-vram. It is a prediction: benchmarks/RESULTS.md compares it
         with measurements.
         """
-        from naruto_lora.errors import UserError
+        from naruto_lora.util.errors import UserError
 
         profile_name = kwargs["profile_name"]
         profile = load_profile_from_options(kwargs)  # --model sets model.pretrained
@@ -80,7 +80,7 @@ def register(cli: click.Group) -> None:
             result = _with_progress(as_json, lambda on: _fit(profile, fit_gb, on))
             _show_fit(result, profile_name, save, as_json)
             return
-        from naruto_lora.plan import plan_profile
+        from naruto_lora.plan.planner import plan_profile
 
         total = len(PHASES) + (0 if no_sample else 1)
         found = _with_progress(
@@ -94,14 +94,14 @@ def register(cli: click.Group) -> None:
 
 
 def _fit(profile: Any, fit_gb: float, on_phase: Any) -> FitResult:
-    from naruto_lora.plan_fit import fit_profile
+    from naruto_lora.plan.fit import fit_profile
 
     return fit_profile(profile, fit_gb, on_phase=on_phase)
 
 
 def _with_progress(quiet: bool, work: Any, total: int | None = None) -> Any:
     """Run ``work(on_phase)`` under a progress bar that advances at each planner phase."""
-    from naruto_lora.console import progress
+    from naruto_lora.util.console import progress
 
     bar = progress("phase")
     with bar:
@@ -124,7 +124,7 @@ def _amount(value: float | None, unit: int) -> str:
 def plan_table(plan: Plan) -> Any:
     from rich.table import Table
 
-    from naruto_lora.plan import allowance_bytes, category_name, ordered_labels
+    from naruto_lora.plan.planner import allowance_bytes, category_name, ordered_labels
 
     phases = [p for p in (plan.training, plan.validation, *plan.sampling) if p is not None]
     # MiB for the tiny model, GiB for real ones.
@@ -175,7 +175,7 @@ def settings_line(settings: dict[str, Any]) -> str:
 
 
 def _card(vram: float | None) -> tuple[str, float] | None:
-    from naruto_lora.plan import detected_vram_gib, usable_gib
+    from naruto_lora.plan.planner import detected_vram_gib, usable_gib
 
     if vram is not None:
         return f"a {vram:g} GB card ({usable_gib(vram):.2f} GiB usable)", usable_gib(vram)
@@ -188,9 +188,9 @@ def _card(vram: float | None) -> tuple[str, float] | None:
 def _show_plan(plan: Plan, vram: float | None, as_json: bool) -> None:
     from rich.markup import escape
 
-    from naruto_lora.console import console
-    from naruto_lora.memtrack import GIB
-    from naruto_lora.plan import verdict
+    from naruto_lora.plan.memtrack import GIB
+    from naruto_lora.plan.planner import verdict
+    from naruto_lora.util.console import console
 
     card = _card(vram)
     fits = verdict(plan.need_gib, card[1]) if card else None
@@ -237,9 +237,9 @@ def _show_plan(plan: Plan, vram: float | None, as_json: bool) -> None:
 def _show_fit(result: FitResult, profile_name: str, save: Path | None, as_json: bool) -> None:
     from rich.markup import escape
 
-    from naruto_lora.console import console
-    from naruto_lora.io import atomic_write_text
-    from naruto_lora.plan_fit import profile_toml, set_line
+    from naruto_lora.plan.fit import profile_toml, set_line
+    from naruto_lora.util.console import console
+    from naruto_lora.util.io import atomic_write_text
 
     toml_text = profile_toml(result, profile_name)
     command = f"nlora train --profile {profile_name} {set_line(result.changes)}".strip()

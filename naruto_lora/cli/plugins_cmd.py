@@ -28,9 +28,9 @@ def register(cli: click.Group) -> None:
 
         from rich.table import Table
 
-        from naruto_lora.console import console
-        from naruto_lora.plugins import discover_plugins, plugin_hooks, plugin_parameters
-        from naruto_lora.profile import load_profile
+        from naruto_lora.config.profile import load_profile
+        from naruto_lora.plugins.manager import discover_plugins, plugin_hooks, plugin_parameters
+        from naruto_lora.util.console import console
 
         classes = discover_plugins()
         profile = load_profile(profile_name, plugin_classes=classes)

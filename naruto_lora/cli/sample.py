@@ -21,7 +21,7 @@ def quiet_loading() -> None:
 
 
 def register(cli: click.Group) -> None:
-    from naruto_lora.sample import DEFAULT_SCALES, SCHEDULER_NAMES
+    from naruto_lora.sample.pipeline import DEFAULT_SCALES, SCHEDULER_NAMES
 
     @cli.command("sample", cls=GuardedCommand)
     @lora_options
@@ -134,8 +134,8 @@ def register(cli: click.Group) -> None:
         nlora sample --lora output/naruto --prompt "a ninja boy, naruto style"
         nlora sample --lora output/naruto --ema --compare --prompts prompts.txt
         """
-        from naruto_lora.console import console
-        from naruto_lora.sample import SampleOptions, parse_scales, read_prompts, sample
+        from naruto_lora.sample.pipeline import SampleOptions, parse_scales, read_prompts, sample
+        from naruto_lora.util.console import console
 
         lora_file, profile, _ = resolve_lora_source(ctx, kwargs)
         options = SampleOptions(

@@ -20,10 +20,10 @@ def _resume_command(profile_arg: str, profile: Any, processes: int = 1) -> str:
 
 def _launch(ctx: click.Context, num_processes: int, options: Any, kwargs: dict) -> int:
     """Re-run this command as N processes (see naruto_lora.train.launch)."""
-    from naruto_lora.console import console
     from naruto_lora.train.launch import check_process_count, forwarded_args, launch
     from naruto_lora.train.lock import output_lock_for
     from naruto_lora.train.setup import check_inputs
+    from naruto_lora.util.console import console
 
     check_process_count(num_processes, options.device)
     # A bad --set, output folder or --resume fails here, once, rather than in every process.
@@ -44,7 +44,7 @@ def _launch(ctx: click.Context, num_processes: int, options: Any, kwargs: dict) 
 def _report_interrupted(result: Any, profile_arg: str, profile: Any, processes: int = 1) -> int:
     from rich.markup import escape
 
-    from naruto_lora.console import err_console
+    from naruto_lora.util.console import err_console
 
     signum = (
         signal.Signals[result.interrupted]
@@ -68,7 +68,7 @@ def _report_interrupted(result: Any, profile_arg: str, profile: Any, processes: 
 def _report_finished(result: Any) -> None:
     from rich.markup import escape
 
-    from naruto_lora.console import console
+    from naruto_lora.util.console import console
 
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
     weights = ", ".join(str(p) for p in result.weights)
@@ -150,7 +150,7 @@ def register(cli: click.Group) -> None:
 
         profile_arg = kwargs["profile_name"]
         if resume_with_changes and not resume:
-            from naruto_lora.errors import UserError
+            from naruto_lora.util.errors import UserError
 
             raise UserError("--resume-with-changes needs --resume (latest or a checkpoint).")
         options = TrainOptions(

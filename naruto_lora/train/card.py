@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from naruto_lora.lora import EMA_SUBFOLDER, WEIGHT_NAME
+from naruto_lora.lora.inject import EMA_SUBFOLDER, WEIGHT_NAME
 
 CARD_NAME = "README.md"
 
@@ -122,7 +122,7 @@ def model_card(profile: Any, output_dir: Path, run: RunSummary) -> str:
 
 
 def write_model_card(profile: Any, output_dir: Path, run: RunSummary) -> Path:
-    from naruto_lora.io import atomic_write_text
+    from naruto_lora.util.io import atomic_write_text
 
     path = output_dir / CARD_NAME
     atomic_write_text(path, model_card(profile, output_dir, run))

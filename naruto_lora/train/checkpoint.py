@@ -27,8 +27,7 @@ from typing import Any
 
 import torch
 
-from naruto_lora.errors import UserError
-from naruto_lora.lora import adapter_metadata
+from naruto_lora.lora.inject import adapter_metadata
 from naruto_lora.train.distributed import gather_objects
 from naruto_lora.train.outputs import (
     CHECKPOINTS,
@@ -38,6 +37,7 @@ from naruto_lora.train.outputs import (
     write_lora_weights,
 )
 from naruto_lora.train.rng import capture_rng, restore_rng
+from naruto_lora.util.errors import UserError
 
 PARAMS_NAME = "lora_parameters.safetensors"
 STATE_NAME = "training_state.pt"
@@ -120,7 +120,7 @@ def _read_info(path: Path) -> dict[str, Any] | str:
 def resolve_resume(output_dir: Path, resume: str) -> Path:
     """``latest`` -> the newest intact checkpoint of this output folder (damaged newer ones are
     named and passed over); otherwise a checkpoint path, which must be intact."""
-    from naruto_lora.console import err_console
+    from naruto_lora.util.console import err_console
 
     if resume == "latest":
         found = list_checkpoints(output_dir)
@@ -227,7 +227,7 @@ def save_checkpoint(run: Any) -> Path:
 
 
 def _write_checkpoint(run: Any, path: Path, rng_by_rank: list[dict[str, Any]]) -> None:
-    from naruto_lora.io import atomic_dir, save_safetensors, torch_save
+    from naruto_lora.util.io import atomic_dir, save_safetensors, torch_save
 
     step = run.state.global_step
     plugin_state = _plugin_state(run)
@@ -310,8 +310,8 @@ def load_checkpoint(run: Any, path: Path) -> None:
     plugin_state = safe_torch_load(path / PLUGINS_NAME)
     run.pm.hook.nlora_load_checkpoint_state(state=run.state, saved=plugin_state)
     if run.resume_changes:  # --resume-with-changes: the new values really apply
-        from naruto_lora.console import console
         from naruto_lora.train.resume import apply_changes
+        from naruto_lora.util.console import console
 
         apply_changes(run)
         console.print(
@@ -326,7 +326,7 @@ def load_checkpoint(run: Any, path: Path) -> None:
 
 def safe_torch_load(path: Path) -> Any:
     """``torch.load(weights_only=True)``; a pickle that would run code is a UserError saying so."""
-    from naruto_lora.errors import unsafe_pickle
+    from naruto_lora.util.errors import unsafe_pickle
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

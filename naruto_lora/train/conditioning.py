@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from naruto_lora.models import TextEncoders, encode_prompts
+from naruto_lora.models.loading import TextEncoders, encode_prompts
 from naruto_lora.train.objective import batch_time_ids
 
 

@@ -9,7 +9,7 @@ from rich.console import RenderableType
 from rich.progress import Progress
 from rich.text import Text
 
-from naruto_lora.console import progress
+from naruto_lora.util.console import progress
 
 
 class _ProgressWithStats(Progress):

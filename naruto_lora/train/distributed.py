@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from naruto_lora.console import console
-from naruto_lora.errors import UserError
+from naruto_lora.util.console import console
+from naruto_lora.util.errors import UserError
 
 
 def launched_processes() -> int:

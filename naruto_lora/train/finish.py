@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from naruto_lora.lora import EMA_SUBFOLDER, adapter_metadata
+from naruto_lora.lora.inject import EMA_SUBFOLDER, adapter_metadata
 from naruto_lora.train.card import RunSummary, write_model_card
 from naruto_lora.train.checkpoint import save_checkpoint
 from naruto_lora.train.guard import check_final_weights, check_ran_to_the_end

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from naruto_lora.console import err_console
-from naruto_lora.errors import UserError
+from naruto_lora.util.console import err_console
+from naruto_lora.util.errors import UserError
 
 
 class StopRequest:

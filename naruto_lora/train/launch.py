@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from naruto_lora.errors import UserError
+from naruto_lora.util.errors import UserError
 
 LAUNCH_OPTION = "num_processes"
 # Seconds the launcher waits for the workers to write their checkpoint after Ctrl-C / SIGTERM
@@ -128,7 +128,7 @@ def launch(num_processes: int, script_args: Sequence[str], device: str) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from naruto_lora.console import err_console
+    from naruto_lora.util.console import err_console
 
     os.environ.update(launch_environment(num_processes, device))
     args = launch_command_parser().parse_args(accelerate_args(num_processes, script_args))

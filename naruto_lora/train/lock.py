@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from naruto_lora.errors import UserError
+from naruto_lora.util.errors import UserError
 
 LOCK_NAME = ".nlora-train.lock"
 

@@ -21,8 +21,7 @@ from typing import Any
 
 import torch
 
-from naruto_lora.console import console
-from naruto_lora.profile import Profile
+from naruto_lora.config.profile import Profile
 from naruto_lora.train.checkpoint import load_checkpoint, save_checkpoint
 from naruto_lora.train.display import TrainDisplay
 from naruto_lora.train.distributed import agree_on_stop, agree_on_update
@@ -37,6 +36,7 @@ from naruto_lora.train.objective import (
 )
 from naruto_lora.train.run import DataPosition, Run, TrainOptions
 from naruto_lora.train.setup import claim_output_folder, setup_run
+from naruto_lora.util.console import console
 
 
 @dataclass

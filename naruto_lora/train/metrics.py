@@ -74,7 +74,7 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop the lines an interrupted run wrote after its checkpoint."""
-        from naruto_lora.io import atomic_write_text
+        from naruto_lora.util.io import atomic_write_text
 
         rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
@@ -128,7 +128,7 @@ def plot_loss(metrics_path: Path, png_path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     figure.tight_layout()
-    from naruto_lora.io import atomic_path
+    from naruto_lora.util.io import atomic_path
 
     with atomic_path(png_path) as tmp:
         figure.savefig(tmp, format="png")

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from naruto_lora.errors import UserError
+from naruto_lora.util.errors import UserError
 
 TIME_ID_FIELDS = ("orig_h", "orig_w", "crop_top", "crop_left", "target_h", "target_w")
 

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from naruto_lora.errors import UserError
-from naruto_lora.lora import EMA_SUBFOLDER, WEIGHT_NAME
+from naruto_lora.lora.inject import EMA_SUBFOLDER, WEIGHT_NAME
+from naruto_lora.util.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -170,7 +170,7 @@ def write_lora_weights(
     extra_metadata: dict[str, str],
 ) -> list[Path]:
     """Write each ``{subfolder: state dict}`` answer of ``nlora_lora_weights_to_save``."""
-    from naruto_lora.lora import save_lora
+    from naruto_lora.lora.inject import save_lora
 
     written = []
     for subfolder, state_dict in weights.items():

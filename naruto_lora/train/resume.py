@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from naruto_lora.errors import UserError
 from naruto_lora.train.outputs import PROFILE_NAME, run_identity
+from naruto_lora.util.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -144,7 +144,7 @@ def check_resume_settings(
     saved = saved_profile(info, output_dir)
     if saved is None:
         return []
-    from naruto_lora.plugins import discover_plugins
+    from naruto_lora.plugins.manager import discover_plugins
 
     changes = settings_changes(saved, profile.to_dict(), discover_plugins())
     if changes and not allow:

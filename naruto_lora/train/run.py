@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from naruto_lora.profile import Profile
+from naruto_lora.config.profile import Profile
 from naruto_lora.train.conditioning import Conditioner
 from naruto_lora.train.guard import NonFiniteGuard
 from naruto_lora.train.metrics import MetricsLog, PeakMemory, SmoothedValue

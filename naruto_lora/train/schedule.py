@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from naruto_lora.errors import UserError
+from naruto_lora.util.errors import UserError
 
 
 def plan_total_steps(max_steps: int, epochs: int, batches_per_epoch: int, accumulation: int) -> int:

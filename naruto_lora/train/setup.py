@@ -12,10 +12,9 @@ from typing import Any
 
 import torch
 
-from naruto_lora.console import console
-from naruto_lora.errors import UserError
-from naruto_lora.lora import inject_lora
-from naruto_lora.models import (
+from naruto_lora.config.profile import Profile, write_resolved
+from naruto_lora.lora.inject import inject_lora
+from naruto_lora.models.loading import (
     DTYPES,
     latent_scale,
     load_noise_scheduler,
@@ -24,7 +23,6 @@ from naruto_lora.models import (
     load_vae,
     vae_is_fp16_safe,
 )
-from naruto_lora.profile import Profile, write_resolved
 from naruto_lora.train.conditioning import Conditioner
 from naruto_lora.train.distributed import (
     check_device_for_processes,
@@ -40,6 +38,8 @@ from naruto_lora.train.run import Run, TrainOptions
 from naruto_lora.train.schedule import make_lr_scheduler, make_optimizer, plan_total_steps
 from naruto_lora.train.state import TrainState
 from naruto_lora.train.validation import Validation, encode_validation_prompts
+from naruto_lora.util.console import console
+from naruto_lora.util.errors import UserError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -129,7 +129,7 @@ def check_inputs(
 def fetch_builtin_assets(profile: Profile) -> None:
     """Build the built-in ``nlora:`` model and data set now if they are missing (a no-op for hub
     ids and folders), so that several processes do not all build them at once."""
-    from naruto_lora.models import resolve_data, resolve_model
+    from naruto_lora.models.loading import resolve_data, resolve_model
 
     for model_id in (profile.model.pretrained, profile.model.vae):
         if model_id.startswith("nlora:"):
@@ -142,8 +142,8 @@ def claim_output_folder(output_dir: Path, profile: Profile, starting_over: bool)
     """Once setup has succeeded: clear an earlier run being started over, remove the temp files
     of writes a kill interrupted (the folder's lock is held: none is in progress), write
     profile.toml."""
-    from naruto_lora.io import remove_stale_temps
     from naruto_lora.train.outputs import CHECKPOINTS
+    from naruto_lora.util.io import remove_stale_temps
 
     if starting_over and (output_dir / PROFILE_NAME).is_file():
         console.print(f"Starting over in [bold]{output_dir}[/] (its earlier run is replaced).")
@@ -212,7 +212,7 @@ def load_dataset(profile: Profile, options: TrainOptions, accelerator: Any) -> t
 def _cache_notice(kind: str, cache: Any, command: str, accelerator: Any) -> None:
     """Say so when training had to (re)build part of a cache first (from whichever process
     built it: stdout of the others is quiet, so those say it on stderr)."""
-    from naruto_lora.console import err_console
+    from naruto_lora.util.console import err_console
 
     report = getattr(cache, "report", None)
     if report is not None and report.encoded:
@@ -284,7 +284,7 @@ def make_validation(
 
 def setup_run(profile: Profile, options: TrainOptions, pm: Any = None) -> Run:
     """Build a ``Run``: every input checked, models on the device, nothing trained yet."""
-    from naruto_lora.plugins import build_plugin_manager
+    from naruto_lora.plugins.manager import build_plugin_manager
 
     pm = pm if pm is not None else build_plugin_manager(profile)
     device = resolve_device(options.device)

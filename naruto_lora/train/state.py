@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from naruto_lora.lora import lora_state_dict
-from naruto_lora.profile import Profile
+from naruto_lora.config.profile import Profile
+from naruto_lora.lora.inject import lora_state_dict
 
 
 @dataclass

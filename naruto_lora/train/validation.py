@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from naruto_lora.models import TextEncoders, encode_prompts, load_text_encoders
+from naruto_lora.models.loading import TextEncoders, encode_prompts, load_text_encoders
 
 
 @dataclass
@@ -122,7 +122,7 @@ def generate_images(
 
 def write_samples(run: Any, step: int) -> Path:
     """Render the grid for ``step`` through the ``nlora_validation_weights`` wrappers."""
-    from naruto_lora.io import atomic_path
+    from naruto_lora.util.io import atomic_path
 
     unet = run.state.unet
     path = run.state.output_dir / "samples" / f"step-{step}.png"

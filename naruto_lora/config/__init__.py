@@ -1,0 +1,1 @@
+"""Profiles: the schema (frozen dataclasses), resolution (extends, --set) and validation."""

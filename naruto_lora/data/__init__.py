@@ -1,0 +1,1 @@
+"""Training data: sources, image decoding, buckets, crops, time ids."""

@@ -1,0 +1,1 @@
+"""``nlora doctor``: machine facts, checks, the profile recommendation."""

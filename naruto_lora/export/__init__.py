@@ -1,0 +1,1 @@
+"""Export writers (kohya, diffusers, peft, merged) and the reload check."""

@@ -1,0 +1,1 @@
+"""LoRA injection, the weight formats, kohya's key names."""

@@ -1,0 +1,156 @@
+"""LoRA on the SDXL UNet: injection (peft), the diffusers file format, reading LoRA files.
+
+The training output is what ``StableDiffusionXLPipeline.save_lora_weights`` writes: keys
+``unet.<module>.lora_A.weight`` / ``lora_B.weight`` and the adapter config (rank, alpha, targets)
+as JSON under the ``lora_adapter_metadata`` safetensors metadata key, so
+``pipe.load_lora_weights(folder)`` restores it exactly, alpha included.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from naruto_lora.util.errors import UserError
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+EMA_SUBFOLDER = "ema_unet"
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+UNET_PREFIX = "unet."
+
+
+def check_target_modules(unet: torch.nn.Module, targets: tuple[str, ...] | list[str]) -> None:
+    """Every target must name at least one Linear/Conv module of the UNet (peft's suffix match)."""
+    names = [
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+    ]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        leaves = sorted(
+            {n.rsplit(".", 1)[-1] for n in names}
+            | {".".join(n.rsplit(".", 2)[-2:]) for n in names if n.endswith(".0")}
+        )
+        raise UserError(
+            f"lora.target_modules names module(s) this UNet does not have: {', '.join(missing)}.",
+            hint=f"Module names available to target include: {', '.join(leaves[:40])}.",
+        )
+
+
+def peft_config(lora_cfg: Any):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora_cfg.rank,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(lora_cfg.target_modules),
+    )
+
+
+def inject_lora(unet: torch.nn.Module, lora_cfg: Any) -> list[torch.nn.Parameter]:
+    """Freeze the UNet, add the LoRA adapter, keep the trainable LoRA parameters in fp32
+    (fp16 optimizer updates underflow); return them."""
+    check_target_modules(unet, lora_cfg.target_modules)
+    unet.requires_grad_(False)
+    unet.add_adapter(peft_config(lora_cfg))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights with diffusers' ``unet.`` prefix, detached, on the CPU."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet)
+    return {f"{UNET_PREFIX}{k}": v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def adapter_metadata(unet: torch.nn.Module) -> dict[str, Any]:
+    config = unet.peft_config["default"].to_dict()
+    return {f"unet.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+
+
+def save_lora(
+    folder: Path | str,
+    state_dict: Mapping[str, torch.Tensor],
+    adapter_meta: Mapping[str, Any],
+    extra_metadata: Mapping[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``folder/pytorch_lora_weights.safetensors`` atomically, in diffusers' layout."""
+    from naruto_lora.util.io import atomic_save_safetensors
+
+    metadata = {
+        "format": "pt",
+        ADAPTER_METADATA_KEY: json.dumps(dict(adapter_meta), indent=2, sort_keys=True, default=str),
+    }
+    for key, value in (extra_metadata or {}).items():
+        metadata[key] = value if isinstance(value, str) else json.dumps(value, default=str)
+    tensors = {k: (v.to(dtype) if dtype is not None else v) for k, v in state_dict.items()}
+    path = Path(folder) / WEIGHT_NAME
+    atomic_save_safetensors(path, tensors, metadata)
+    return path
+
+
+def find_lora_file(path: Path | str, ema: bool = False) -> Path:
+    """A training output folder, a checkpoint folder, or a ``.safetensors`` file -> the weights file."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        if ema:
+            raise UserError(
+                f"--ema needs a training output folder, but '{path}' is a single file.",
+                hint=f"Point --lora at the folder that holds {EMA_SUBFOLDER}/.",
+            )
+        if path.suffix != ".safetensors":
+            raise UserError(
+                f"'{path}' is not a .safetensors file; only safetensors LoRA files are loaded."
+            )
+        return path
+    if not path.is_dir():
+        raise UserError(
+            f"LoRA path '{path}' does not exist.",
+            hint="Give a training output folder, a checkpoint folder or a .safetensors file.",
+        )
+    if ema:
+        candidate = path / EMA_SUBFOLDER / WEIGHT_NAME
+        if not candidate.is_file():
+            raise UserError(
+                f"'{path}' has no EMA weights ({EMA_SUBFOLDER}/{WEIGHT_NAME} is missing).",
+                hint="That run trained without the ema plugin; drop --ema, or retrain with --enable ema.",
+            )
+        return candidate
+    candidate = path / WEIGHT_NAME
+    if candidate.is_file():
+        return candidate
+    others = sorted(path.glob("*.safetensors"))
+    if len(others) == 1:
+        return others[0]
+    raise UserError(
+        f"No LoRA weights in '{path}': expected {WEIGHT_NAME}.",
+        hint="Point --lora at a training output folder, a checkpoint folder or a .safetensors file.",
+    )
+
+
+def read_lora_file(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; a damaged file is a user error."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        raise UserError(
+            f"'{path}' is not a readable safetensors file: {exc}.",
+            hint="The file may be truncated; re-export or re-train it.",
+        ) from exc
+    return tensors, metadata

@@ -1,0 +1,1 @@
+"""Loading SDXL parts, and the registry of ``nlora:`` model and data ids."""

@@ -1,0 +1,170 @@
+"""The planner's models, optimizer and plugin state, built as the training setup builds them:
+on fake tensors from the configs (nothing downloaded), or really, from the model's folder (the
+tests' reference run). Every storage is labelled for the report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from naruto_lora.config.profile import Profile
+from naruto_lora.plan.core import LORA, PLUGIN_PREFIX, TEXT_ENCODERS, VAE, WEIGHTS, SimTarget
+from naruto_lora.plan.memtrack import HOST_PREFIX, AllocationTracker
+from naruto_lora.plan.models import (
+    ModelConfigs,
+    StandInTokenizer,
+    materialise,
+    meta_text_encoders,
+    meta_unet,
+    meta_vae,
+    on_meta,
+)
+
+
+def build_unet(
+    profile: Profile,
+    configs: ModelConfigs,
+    pm: Any,
+    tracker: AllocationTracker,
+    dtype: torch.dtype,
+    fake: bool,
+) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """The frozen UNet with the LoRA, as ``train.setup.load_trainable_unet`` makes it."""
+    from naruto_lora.lora.inject import inject_lora
+
+    if fake:
+        # The LoRA goes in on the meta device: peft's module moves cannot run on fake tensors.
+        unet = meta_unet(configs, dtype)
+        with on_meta():
+            inject_lora(unet, profile.lora)
+        with tracker.labelled(WEIGHTS):
+            materialise(unet)
+        params = [p for p in unet.parameters() if p.requires_grad]
+    else:
+        from naruto_lora.models.loading import load_unet
+
+        unet = load_unet(profile.model, dtype)
+        params = inject_lora(unet, profile.lora)
+        tracker.relabel(unet.parameters(), WEIGHTS)
+    tracker.relabel(params, LORA)
+    pm.hook.nlora_prepare_unet(unet=unet, profile=profile, training=True)
+    unet.train()
+    return unet, params
+
+
+def build_text_encoders(
+    profile: Profile,
+    configs: ModelConfigs,
+    tracker: AllocationTracker,
+    dtype: torch.dtype,
+    fake: bool,
+) -> Any:
+    from naruto_lora.models.loading import TextEncoders, load_text_encoders
+
+    if not fake:
+        text = load_text_encoders(profile.model, dtype)
+    else:
+        encoders = meta_text_encoders(configs, dtype)
+        with tracker.labelled(TEXT_ENCODERS):
+            for encoder in encoders:
+                materialise(encoder)
+        text = TextEncoders(tokenizers=(StandInTokenizer(), StandInTokenizer()), encoders=encoders)
+    for encoder in text.encoders:
+        tracker.relabel(encoder.parameters(), TEXT_ENCODERS)
+        tracker.relabel(encoder.buffers(), TEXT_ENCODERS)
+    return text
+
+
+def build_vae(
+    profile: Profile,
+    configs: ModelConfigs,
+    tracker: AllocationTracker,
+    dtype: torch.dtype,
+    fake: bool,
+    label: str = VAE,
+) -> Any:
+    """The VAE in ``dtype``, or fp32 when it would overflow in fp16 (``load_vae_for``'s rule)."""
+    from naruto_lora.models.loading import load_vae, vae_is_fp16_safe
+
+    vae = meta_vae(configs, torch.float32) if fake else load_vae(profile.model, torch.float32)
+    if dtype == torch.float16 and not vae_is_fp16_safe(profile.model, vae):
+        dtype = torch.float32
+    if fake:
+        with on_meta():
+            vae = torch.nn.Module.to(vae, dtype=dtype)
+        with tracker.labelled(label):
+            materialise(vae)
+    else:
+        vae = vae.to(dtype)
+    vae.requires_grad_(False)
+    vae.eval()
+    tracker.relabel(vae.parameters(), label)
+    return vae
+
+
+class AdamW8bitStandIn(torch.optim.Optimizer):
+    """Holds what bitsandbytes' ``AdamW8bit`` holds, for the planner (bitsandbytes needs a GPU):
+    per parameter of 4096+ elements two uint8 moments and an fp32 scale per 256-element block
+    (smaller parameters keep fp32 moments), plus the two shared 256-entry code books."""
+
+    BLOCK, MIN_8BIT = 256, 4096
+
+    def __init__(self, params: list[torch.nn.Parameter], **defaults: Any) -> None:
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(self._initial_state(p))
+                p.add_(p.grad, alpha=-group["lr"])  # stands in for the fused 8-bit kernel
+
+    def _initial_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        if p.numel() < self.MIN_8BIT:
+            return {"state1": torch.zeros_like(p), "state2": torch.zeros_like(p)}
+        blocks = -(-p.numel() // self.BLOCK)
+        state = {
+            "state1": torch.zeros_like(p, dtype=torch.uint8),
+            "state2": torch.zeros_like(p, dtype=torch.uint8),
+            "absmax1": torch.zeros(blocks, device=p.device),
+            "absmax2": torch.zeros(blocks, device=p.device),
+        }
+        if "qmap1" not in self.defaults:
+            self.defaults["qmap1"] = torch.zeros(256, device=p.device)
+            self.defaults["qmap2"] = torch.zeros(256, device=p.device)
+        return state
+
+
+def build_optimizer(
+    params: list[torch.nn.Parameter], profile: Profile, target: SimTarget
+) -> torch.optim.Optimizer:
+    """``train.schedule.make_optimizer`` for the target device; the 8-bit one stood in for."""
+    from naruto_lora.train.schedule import make_optimizer
+
+    cfg = profile.train
+    if cfg.optimizer == "adamw8bit" and target.fake:
+        return AdamW8bitStandIn(params, lr=cfg.learning_rate)
+    return make_optimizer(params, cfg, torch.device(target.device_type))
+
+
+def host_resident(profile: Profile, plugin_name: str) -> bool:
+    """A plugin configured with ``device = "cpu"`` keeps its state in host memory."""
+    settings = profile.plugins.get(plugin_name)
+    return getattr(getattr(settings, "config", None), "device", None) == "cpu"
+
+
+def start_plugins(pm: Any, state: Any, profile: Profile, tracker: AllocationTracker) -> None:
+    """``nlora_train_start``, one plugin at a time, so each plugin's state gets its own label."""
+    names = [pm.get_name(impl.plugin) for impl in pm.hook.nlora_train_start.get_hookimpls()]
+    everyone = [pm.get_plugin(name) for name in names]
+    for name in names:
+        others = [p for p in everyone if p is not pm.get_plugin(name)]
+        caller = pm.subset_hook_caller("nlora_train_start", remove_plugins=others)
+        prefix = HOST_PREFIX if host_resident(profile, name) else ""
+        with tracker.labelled(f"{prefix}{PLUGIN_PREFIX}{name}"):
+            caller(state=state)

@@ -1,0 +1,457 @@
+"""``nlora plan --fit GB``: the fastest configuration of a profile predicted to fit a card.
+
+The search varies the profile's memory options: resolution, LoRA rank, gradient checkpointing,
+where text embeddings come from, where plugin state lives (a plugin whose config has a
+``device`` that can be ``"cpu"``, e.g. EMA), the 8-bit optimizer, validation samples (and
+decoding them in tiles, the ``vae_tiling`` plugin), and the split of the effective batch into
+micro-batch x accumulation (the product is kept).
+
+How it decides:
+
+1. Simulate the profile as given, and with gradient checkpointing switched the other way (two
+   planner runs; each is cached).
+2. Predict every combination from those: weights and text encoders as measured; LoRA weights,
+   gradients, optimizer and plugin state from the LoRA's parameter count (linear in the rank);
+   activations linear in micro-batch size and in pixels.
+3. Keep the combinations predicted to fit with the same margin ``nlora plan`` uses. Quality
+   first: the highest resolution, then the highest rank, then keeping validation samples; among
+   those the fastest by a FLOP-count time model; ties go to the fewest changes.
+4. Confirm the winner with a full planner run of it; if it does not fit after all, try the next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from naruto_lora.config.profile import Profile, apply_override, validate
+from naruto_lora.plan.core import PLUGIN_PREFIX
+from naruto_lora.plan.memtrack import GIB
+from naruto_lora.plan.planner import TIGHT_HEADROOM, Plan, allowance_bytes, plan_profile, usable_gib
+from naruto_lora.util.errors import UserError
+
+CHECKPOINTING = "gradient_checkpointing"
+TILING = "vae_tiling"  # a plugin whose validation decode goes tile by tile
+MIN_RESOLUTION, RESOLUTION_STEP = 512, 128
+MIN_RANK = 4
+MAX_MICRO_BATCH = 8
+CONFIRMATIONS = 3
+
+# The time model (relative; only the ranking is used). Assumed, to be calibrated by benchmarks.
+ASSUMED_FLOPS_PER_S = 30e12  # achieved on a mid-range card in fp16/bf16
+PCIE_BYTES_PER_S = 12e9  # host <-> device copies of plugin state kept on the CPU
+CPU_ELEMENTS_PER_S = 1e9  # the CPU's update of that state
+# Per-image cost of a micro-batch of n relative to n = 1: bigger batches use the GPU better.
+BATCH_EFFICIENCY = {1: 1.0, 2: 0.93}
+LARGE_BATCH_EFFICIENCY = 0.9
+OPTIMIZER_8BIT_COST = 1.01  # its (de)quantisation; a tie-breaker toward plain AdamW
+
+
+@dataclass(frozen=True)
+class Candidate:
+    resolution: int
+    rank: int
+    checkpointing: bool
+    text: str
+    plugin_devices: tuple[tuple[str, str], ...]
+    optimizer: str
+    batch_size: int
+    accumulation: int
+    validation: bool
+    tiled_decode: bool = False
+
+    def assignments(self, base: Profile) -> dict[str, Any]:
+        """Profile keys -> values for this candidate (every searched key)."""
+        alpha_per_rank = base.lora.alpha / base.lora.rank
+        values: dict[str, Any] = {
+            "data.resolution": self.resolution,
+            "lora.rank": self.rank,
+            "lora.alpha": float(self.rank * alpha_per_rank),
+            "cache.text": self.text,
+            "train.optimizer": self.optimizer,
+            "train.batch_size": self.batch_size,
+            "train.gradient_accumulation_steps": self.accumulation,
+        }
+        if CHECKPOINTING in base.plugins:
+            values[f"plugins.{CHECKPOINTING}.enabled"] = self.checkpointing
+        for name, device in self.plugin_devices:
+            values[f"plugins.{name}.device"] = device
+        if not self.validation:
+            values["validation.every_steps"] = 0
+        elif self.tiled_decode:
+            values[f"plugins.{TILING}.enabled"] = True
+        return values
+
+
+def profile_with(base: Profile, assignments: dict[str, Any]) -> Profile:
+    """``base`` (fully resolved) with ``key.path = value`` assignments applied and validated."""
+    raw = base.to_dict()
+    raw.pop("name", None)
+    for key, value in assignments.items():
+        raw = apply_override(raw, key.split("."), value)
+    return validate(base.name, raw)
+
+
+def changed_keys(base: Profile, profile: Profile) -> dict[str, Any]:
+    """Dotted keys whose resolved value differs between two profiles."""
+    old, new = _flatten(base.to_dict()), _flatten(profile.to_dict())
+    return {k: v for k, v in new.items() if old.get(k) != v and k not in ("name", "description")}
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# ------------------------------------------------------------------------------ the space
+
+
+def device_plugins(profile: Profile) -> list[str]:
+    """Enabled plugins whose state can live on the CPU (a ``device`` that accepts "cpu")."""
+    names = []
+    for name in profile.enabled_plugins():
+        config = profile.plugins[name].config
+        hints = typing.get_type_hints(type(config))
+        if "device" in hints and "cpu" in typing.get_args(hints["device"]):
+            names.append(name)
+    return names
+
+
+def batch_splits(profile: Profile) -> list[tuple[int, int]]:
+    """(micro-batch, accumulation) pairs with the profile's effective batch."""
+    effective = profile.train.batch_size * profile.train.gradient_accumulation_steps
+    return [
+        (b, effective // b)
+        for b in range(1, min(effective, MAX_MICRO_BATCH) + 1)
+        if effective % b == 0
+    ]
+
+
+def candidates(profile: Profile) -> Iterator[Candidate]:
+    top = profile.data.resolution
+    resolutions = [r for r in range(top, 0, -RESOLUTION_STEP) if r == top or r >= MIN_RESOLUTION]
+    ranks = [profile.lora.rank]
+    while ranks[-1] // 2 >= MIN_RANK:
+        ranks.append(ranks[-1] // 2)
+    checkpointing = [True, False] if CHECKPOINTING in profile.plugins else [_checkpointing(profile)]
+    devices = [[(n, d) for d in ("same", "cpu")] for n in device_plugins(profile)]
+    validation = [True, False] if profile.validation.every_steps > 0 else [False]
+    tiled = _tiled(profile)
+    tilings = [tiled] if tiled or TILING not in profile.plugins else [False, True]
+    for res, rank, ckpt, text, devs, opt, (batch, accum), val, tile in itertools.product(
+        resolutions,
+        ranks,
+        checkpointing,
+        ("memory", "disk"),
+        itertools.product(*devices),
+        ("adamw", "adamw8bit"),
+        batch_splits(profile),
+        validation,
+        tilings,
+    ):
+        if tile and not val:
+            continue  # tiles only matter for validation samples
+        yield Candidate(res, rank, ckpt, text, tuple(devs), opt, batch, accum, val, tile)
+
+
+def _tiled(profile: Profile) -> bool:
+    settings = profile.plugins.get(TILING)
+    return bool(settings and settings.enabled)
+
+
+def _checkpointing(profile: Profile) -> bool:
+    settings = profile.plugins.get(CHECKPOINTING)
+    return bool(settings and settings.enabled)
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+@dataclass
+class MemoryModel:
+    """What the candidates are predicted from (bytes, FLOPs), measured by two planner runs."""
+
+    base: Profile
+    weights: int
+    text_encoders: int  # when resident (cache.text = "memory")
+    vae: int  # resident when validation samples are drawn or latents are not cached
+    lora_per_rank: float  # LoRA parameters per unit of rank
+    plugin_bytes_per_param: dict[str, float]  # plugin state per LoRA parameter
+    train_activations: dict[bool, int]  # by checkpointing, at the base resolution and batch
+    validation_activations: int
+    flops_per_image: dict[bool, float]
+    text_flops_per_image: float
+
+    def lora_params(self, rank: int) -> float:
+        return self.lora_per_rank * rank
+
+    def lora_state(self, c: Candidate, training: bool) -> float:
+        n = self.lora_params(c.rank)
+        optimizer = 8 * n if c.optimizer == "adamw" else 2 * n + 8 * n / 256
+        plugins = sum(
+            per_param * n
+            for name, per_param in self.plugin_bytes_per_param.items()
+            if dict(c.plugin_devices).get(name, "same") != "cpu"
+        )
+        return 4 * n + (4 * n if training else 0) + optimizer + plugins
+
+    def peak_bytes(self, c: Candidate) -> float:
+        scale = (c.resolution / self.base.data.resolution) ** 2
+        resident = self.weights + (self.text_encoders if c.text == "memory" else 0)
+        if c.validation or not self.base.cache.latents:
+            resident += self.vae
+        batch_scale = c.batch_size / self.base.train.batch_size
+        train = (
+            self.lora_state(c, True) + self.train_activations[c.checkpointing] * scale * batch_scale
+        )
+        peak = resident + train
+        if c.validation:
+            activations = self.validation_activations * scale
+            if c.tiled_decode and not _tiled(self.base):
+                # The decode's activations shrink to one tile's (the confirming planner run
+                # checks: the denoising step may then be the larger part).
+                tile_px = self.base.plugins[TILING].config.tile_px
+                activations *= min(1.0, (tile_px / c.resolution) ** 2)
+            sample = self.lora_state(c, False) + activations
+            peak = max(peak, resident + sample)
+        return peak
+
+    def need_gib(self, c: Candidate) -> float:
+        peak = int(self.peak_bytes(c))
+        return (peak + allowance_bytes(peak)) / GIB
+
+    def step_seconds(self, c: Candidate) -> float:
+        """Predicted time per optimizer update (relative use only; see the constants)."""
+        images = c.batch_size * c.accumulation
+        scale = (c.resolution / self.base.data.resolution) ** 2
+        efficiency = BATCH_EFFICIENCY.get(c.batch_size, LARGE_BATCH_EFFICIENCY)
+        flops = images * self.flops_per_image[c.checkpointing] * scale * efficiency
+        if c.text == "memory":
+            flops += images * self.text_flops_per_image
+        seconds = flops / ASSUMED_FLOPS_PER_S
+        n = self.lora_params(c.rank)
+        for name, device in c.plugin_devices:
+            if device == "cpu" and name in self.plugin_bytes_per_param:
+                seconds += 4 * n / PCIE_BYTES_PER_S + n / CPU_ELEMENTS_PER_S
+        return seconds * (OPTIMIZER_8BIT_COST if c.optimizer == "adamw8bit" else 1.0)
+
+
+def current_candidate(profile: Profile) -> Candidate:
+    devices = tuple((name, profile.plugins[name].config.device) for name in device_plugins(profile))
+    return Candidate(
+        profile.data.resolution,
+        profile.lora.rank,
+        _checkpointing(profile),
+        profile.cache.text,
+        devices,
+        profile.train.optimizer,
+        profile.train.batch_size,
+        profile.train.gradient_accumulation_steps,
+        profile.validation.every_steps > 0,
+        profile.validation.every_steps > 0 and _tiled(profile),
+    )
+
+
+def _resident_bytes(plan: Plan, label: str, fallback: Callable[[], int]) -> int:
+    return plan.training.split.get(label) or fallback()
+
+
+def build_model(base: Profile, plans: dict[bool, Plan], configs: Any) -> MemoryModel:
+    """The model from the planner runs with checkpointing on and off (keys of ``plans``)."""
+    first = next(iter(plans.values()))
+    n = first.lora_parameters
+    plugin_bytes = {}
+    for label, size in {**first.training.host, **first.training.split}.items():
+        if label.startswith(PLUGIN_PREFIX):
+            plugin_bytes[label[len(PLUGIN_PREFIX) :]] = size / n
+    validation = first.validation.split.get("activations", 0) if first.validation else 0
+    text_bytes, text_params = _text_encoder_size(base, configs)
+    return MemoryModel(
+        base=base,
+        weights=first.training.split["weights"],
+        text_encoders=_resident_bytes(first, "text_encoders", lambda: text_bytes),
+        vae=_resident_bytes(first, "vae", lambda: _vae_bytes(base, configs)),
+        lora_per_rank=n / base.lora.rank,
+        plugin_bytes_per_param=plugin_bytes,
+        train_activations={k: p.training.split.get("activations", 0) for k, p in plans.items()},
+        validation_activations=validation,
+        flops_per_image={
+            k: p.flops_per_micro_step / base.train.batch_size for k, p in plans.items()
+        },
+        # A transformer forward: 2 FLOPs per parameter per token.
+        text_flops_per_image=2.0 * text_params * 77,
+    )
+
+
+def _text_encoder_size(profile: Profile, configs: Any) -> tuple[int, int]:
+    from naruto_lora.plan.core import SimTarget, weight_dtype_for
+    from naruto_lora.plan.models import meta_text_encoders
+
+    dtype, _ = weight_dtype_for(profile, SimTarget())
+    encoders = meta_text_encoders(configs, dtype)
+    params = sum(p.numel() for e in encoders for p in e.parameters())
+    size = sum(
+        t.numel() * t.element_size() for e in encoders for t in [*e.parameters(), *e.buffers()]
+    )
+    return size, params
+
+
+def _vae_bytes(profile: Profile, configs: Any) -> int:
+    from naruto_lora.plan.core import SimTarget, weight_dtype_for
+    from naruto_lora.plan.models import meta_vae
+
+    dtype, _ = weight_dtype_for(profile, SimTarget())
+    return sum(p.numel() * p.element_size() for p in meta_vae(configs, dtype).parameters())
+
+
+# ------------------------------------------------------------------------------ the search
+
+
+@dataclass
+class FitResult:
+    card_gb: float
+    capacity_gib: float
+    base: Profile
+    profile: Profile  # the chosen configuration
+    plan: Plan  # its confirming planner run
+    predicted_need_gib: float  # what the model said before confirming
+    relative_step_time: float  # vs the profile as given (1.0 = as fast)
+    considered: int
+    fitting: int
+    rejected: list[tuple[dict[str, Any], float]]  # (changes, confirmed need) that did not fit
+
+    @property
+    def changes(self) -> dict[str, Any]:
+        return changed_keys(self.base, self.profile)
+
+
+def _quality_then_speed(model: MemoryModel, current: Candidate) -> Callable[[Candidate], tuple]:
+    def key(c: Candidate) -> tuple:
+        changes = sum(
+            a != b
+            for a, b in zip(dataclasses.astuple(c), dataclasses.astuple(current), strict=True)
+        )
+        return (-c.resolution, -c.rank, not c.validation, round(model.step_seconds(c), 6), changes)
+
+    return key
+
+
+def measure(
+    profile: Profile, model: str | None, on_phase: Callable[[str], None] | None
+) -> dict[bool, Plan]:
+    """Planner runs of the profile as given and with checkpointing switched the other way."""
+
+    def announce(prefix: str) -> Callable[[str], None] | None:
+        return None if on_phase is None else (lambda phase: on_phase(f"{prefix}: {phase}"))
+
+    as_given = _checkpointing(profile)
+    plans = {
+        as_given: plan_profile(profile, model=model, sampling=False, on_phase=announce("as given"))
+    }
+    if CHECKPOINTING in profile.plugins:
+        switched = profile_with(profile, {f"plugins.{CHECKPOINTING}.enabled": not as_given})
+        plans[not as_given] = plan_profile(
+            switched, model=model, sampling=False, on_phase=announce("checkpointing switched")
+        )
+    return plans
+
+
+def fit_profile(
+    profile: Profile,
+    card_gb: float,
+    *,
+    model: str | None = None,
+    on_phase: Callable[[str], None] | None = None,
+) -> FitResult:
+    """The fastest configuration of ``profile`` predicted to fit a card sold as ``card_gb`` GB."""
+    from naruto_lora.plan.models import load_model_configs
+
+    capacity = usable_gib(card_gb)
+    # "Fits" keeps the margin nlora plan asks for (below it the verdict is "tight").
+    budget = capacity * (1 - TIGHT_HEADROOM)
+    plans = measure(profile, model, on_phase)
+    memory = build_model(profile, plans, load_model_configs(profile.model, model))
+    current = current_candidate(profile)
+    every = list(candidates(profile))
+    fitting = sorted(
+        (c for c in every if memory.need_gib(c) <= budget), key=_quality_then_speed(memory, current)
+    )
+    rejected: list[tuple[dict[str, Any], float]] = []
+    for choice in fitting[:CONFIRMATIONS]:
+        chosen = profile_with(profile, choice.assignments(profile))
+        if on_phase is not None:
+            on_phase(f"confirming {len(rejected) + 1}")
+        plan = plan_profile(chosen, model=model, sampling=False)
+        if plan.need_gib <= budget:
+            return FitResult(
+                card_gb,
+                capacity,
+                profile,
+                chosen,
+                plan,
+                memory.need_gib(choice),
+                memory.step_seconds(choice) / memory.step_seconds(current),
+                len(every),
+                len(fitting),
+                rejected,
+            )
+        rejected.append((changed_keys(profile, chosen), plan.need_gib))
+    smallest = min(every, key=memory.need_gib)
+    raise UserError(
+        f"No configuration of profile '{profile.name}' is predicted to fit a {card_gb:g} GB card "
+        f"({capacity:.1f} GiB usable, {budget:.1f} with a {TIGHT_HEADROOM:.0%} margin): the "
+        f"smallest needs about {memory.need_gib(smallest):.1f} "
+        "GiB"
+        + (f" and {len(rejected)} confirmed candidates did not fit" if rejected else "")
+        + ".",
+        hint="The UNet weights alone need "
+        f"{memory.weights / GIB:.1f} GiB; a card this small cannot train this model.",
+    )
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def _toml_value(value: Any) -> str:
+    import tomli_w
+
+    return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
+
+
+def set_line(changes: dict[str, Any]) -> str:
+    """``--set key=value`` for each change (values in TOML, quoted for the shell)."""
+    import shlex
+
+    return " ".join(f"--set {shlex.quote(f'{k}={_toml_value(v)}')}" for k, v in changes.items())
+
+
+def profile_toml(result: FitResult, extends: str) -> str:
+    """A profile file: ``extends`` the profile as named, with every key that differs."""
+    import tomli_w
+
+    from naruto_lora.config.profile import load_profile
+
+    named = load_profile(extends)
+    table: dict[str, Any] = {
+        "extends": extends,
+        "description": (
+            f"{extends} fitted to a {result.card_gb:g} GB card by `nlora plan --fit`: predicted "
+            f"{result.plan.need_gib:.1f} GiB of {result.capacity_gib:.1f} usable (a prediction)."
+        ),
+    }
+    for key, value in changed_keys(named, result.profile).items():
+        node = table
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tomli_w.dumps(table)

@@ -1,0 +1,1 @@
+"""The plugin system: hookspecs, the manager, the core's default hook implementations."""

@@ -1,0 +1,147 @@
+"""The plugin manager: built-in plugins, then the ``nlora`` entry-point group, then ``check_pending``.
+
+A plugin is a class with a ``name``, a frozen-dataclass ``Config`` filled from the profile's
+``[plugins.NAME]`` table, and ``@hookimpl`` methods. The core never names a plugin: a disabled
+plugin is simply not registered. A fresh manager is built for every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pluggy
+
+from naruto_lora.plugins import hookspecs
+from naruto_lora.plugins.hookspecs import PROJECT
+from naruto_lora.util.errors import UserError
+
+if TYPE_CHECKING:
+    from naruto_lora.config.profile import Profile
+
+ENTRY_POINT_GROUP = "nlora"
+BUILTIN_PACKAGE = "nlora_plugins"
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    """For plugins without parameters."""
+
+
+class Plugin:
+    """Base class for plugins (optional: any class with ``name`` and ``Config`` works)."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = NoConfig
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: Any):
+        self.config = config
+
+
+def _check_plugin_class(obj: Any, origin: str) -> type:
+    name = getattr(obj, "name", None)
+    config = getattr(obj, "Config", None)
+    if not isinstance(obj, type) or not isinstance(name, str) or not name:
+        raise UserError(f"Plugin {origin} is not a class with a non-empty 'name' attribute.")
+    if config is None or not dataclasses.is_dataclass(config):
+        raise UserError(f"Plugin '{name}' ({origin}) must declare 'Config' as a dataclass.")
+    return obj
+
+
+def builtin_plugins() -> dict[str, type]:
+    package = importlib.import_module(BUILTIN_PACKAGE)
+    found: dict[str, type] = {}
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{BUILTIN_PACKAGE}.{info.name}")
+        cls = getattr(module, "PLUGIN", None)
+        if cls is not None:
+            cls = _check_plugin_class(cls, f"{BUILTIN_PACKAGE}.{info.name}")
+            found[cls.name] = cls
+    return found
+
+
+def entry_point_plugins() -> dict[str, tuple[type, str]]:
+    found: dict[str, tuple[type, str]] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        origin = f"entry point '{ep.name} = {ep.value}'"
+        try:
+            obj = ep.load()
+        except Exception as exc:  # a broken third-party install must not look like our bug
+            raise UserError(
+                f"Could not load plugin {origin}: {exc}.",
+                hint="Reinstall or uninstall the package that provides it.",
+            ) from exc
+        cls = _check_plugin_class(obj, origin)
+        found[cls.name] = (cls, origin)
+    return found
+
+
+def discover_plugins() -> dict[str, type]:
+    """All installed plugins by name: built-ins first, then entry points (no shadowing)."""
+    plugins = builtin_plugins()
+    for name, (cls, origin) in entry_point_plugins().items():
+        if name in plugins and plugins[name] is not cls:
+            raise UserError(
+                f"Plugin name '{name}' from {origin} clashes with an existing plugin.",
+                hint="Rename the third-party plugin.",
+            )
+        plugins[name] = cls
+    return plugins
+
+
+def new_manager() -> pluggy.PluginManager:
+    from naruto_lora.plugins import defaults
+
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(defaults.CoreDefaults(), name="core")
+    return pm
+
+
+def build_plugin_manager(
+    profile: Profile, plugin_classes: Mapping[str, type] | None = None
+) -> pluggy.PluginManager:
+    """A fresh manager with the core defaults and every plugin the profile enables."""
+    if plugin_classes is None:
+        plugin_classes = discover_plugins()
+    pm = new_manager()
+    for name in profile.enabled_plugins():
+        cls = plugin_classes[name]
+        pm.register(cls(profile.plugins[name].config), name=name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise UserError(f"A plugin implements a hook that does not exist: {exc}.") from exc
+    return pm
+
+
+def plugin_hooks(cls: type) -> list[str]:
+    """The hook names a plugin class implements (for ``nlora plugins list``)."""
+    names = []
+    for attr in dir(cls):
+        if attr.startswith("nlora_") and hasattr(getattr(cls, attr), f"{PROJECT}_impl"):
+            names.append(attr)
+    order = {name: i for i, name in enumerate(hookspecs.LIFECYCLE)}
+    return sorted(names, key=lambda n: order.get(n, len(order)))
+
+
+REQUIRED = "(required)"  # shown for a parameter without a default
+
+
+def plugin_parameters(cls: type) -> list[tuple[str, Any]]:
+    def default(f: dataclasses.Field) -> Any:
+        if f.default is not dataclasses.MISSING:
+            return f.default
+        if f.default_factory is not dataclasses.MISSING:
+            return f.default_factory()
+        return REQUIRED
+
+    return [(f.name, default(f)) for f in dataclasses.fields(cls.Config)]

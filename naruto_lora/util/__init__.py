@@ -1,0 +1,1 @@
+"""Shared helpers that know nothing of SDXL: atomic file writes, the console, user errors."""
