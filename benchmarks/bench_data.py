@@ -211,7 +211,7 @@ def bench_training(folder: Path, steps: int) -> dict[str, float]:
         make_batch_sampler,
         make_loader,
     )
-    from naruto_lora.config.profile import load_profile
+    from naruto_lora.plugins.manager import load_profile
 
     profile = load_profile("smoke", overrides=[f'cache.dir="{folder / "smoke"}"'])
     dataset = build_train_dataset(profile, ensure_latent_cache(profile), ensure_text_cache(profile))

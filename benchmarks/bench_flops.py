@@ -56,8 +56,8 @@ def counted(profile: Any, configs: Any, training: bool) -> float:
 
 
 def table(resolutions: list[int]) -> list[dict[str, Any]]:
-    from naruto_lora.config.profile import load_profile
     from naruto_lora.plan.models import load_model_configs
+    from naruto_lora.plugins.manager import load_profile
 
     rows = []
     for resolution in resolutions:

@@ -32,7 +32,7 @@ from naruto_lora.demo import style, toy
 
 def profile_settings(name: str) -> dict:
     """The settings both loops use, read from the profile (not re-typed here)."""
-    from naruto_lora.config.profile import load_profile
+    from naruto_lora.plugins.manager import load_profile
 
     profile = load_profile(name)
     return {

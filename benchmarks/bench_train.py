@@ -399,7 +399,7 @@ def bench_one(
     warmup: int,
 ) -> list[dict[str, Any]]:
     """Both loops for one configuration, each in a fresh process (clean memory statistics)."""
-    from naruto_lora.config.profile import load_profile
+    from naruto_lora.plugins.manager import load_profile
     from naruto_lora.train.setup import resolve_device
 
     profile = load_profile(profile_name, overrides=overrides)
@@ -472,7 +472,7 @@ def worker(spec: dict[str, Any]) -> None:
     """One loop of one configuration; prints its result as the last line of stdout."""
     import transformers
 
-    from naruto_lora.config.profile import load_profile
+    from naruto_lora.plugins.manager import load_profile
 
     transformers.utils.logging.disable_progress_bar()
     profile = load_profile(spec["profile"], overrides=spec["overrides"])
@@ -627,8 +627,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from naruto_lora.demo.tiny import cache_root
     from naruto_lora.train.setup import resolve_device
+    from naruto_lora.util.home import nlora_home
 
     args = parse_args(argv)
     os.environ.setdefault("NLORA_NO_PROGRESS", "1")
@@ -646,7 +646,7 @@ def main(argv: list[str] | None = None) -> None:
     ):
         tmp = Path(tmp_name)
         runs = (tiny_runs(tmp, args) if "tiny" in configs else []) + (
-            sdxl_runs(tmp, args, cache_root()) if "sdxl" in configs else []
+            sdxl_runs(tmp, args, nlora_home()) if "sdxl" in configs else []
         )
         for label, name, overrides, updates, warmup in runs:
             rows += bench_one(label, name, overrides, args, peak, updates, warmup)

@@ -73,7 +73,7 @@ def sdpa_settings(kernel: str) -> list[str]:
 
 
 def other_precision(profile_name: str) -> str:
-    from naruto_lora.config.profile import load_profile
+    from naruto_lora.plugins.manager import load_profile
 
     return "bf16" if load_profile(profile_name).train.mixed_precision == "fp16" else "fp16"
 
@@ -171,8 +171,8 @@ def missing_needs(case: Case, device: torch.device, args: argparse.Namespace) ->
         if need.startswith("sdpa:"):
             from nlora_plugins.sdpa import kernel_runs
 
-            from naruto_lora.config.profile import load_profile
             from naruto_lora.models.loading import DTYPES
+            from naruto_lora.plugins.manager import load_profile
 
             kernel = need.split(":", 1)[1]
             precision = load_profile(case.profile).train.mixed_precision
@@ -188,10 +188,10 @@ def missing_needs(case: Case, device: torch.device, args: argparse.Namespace) ->
 def predict(profile_name: str, settings: list[str]) -> dict[str, Any]:
     """The planner's training-step prediction for a case (fake tensors, CUDA's policies): its
     tracked peak, the UNet FLOPs per optimizer update and the LoRA's parameter count."""
-    from naruto_lora.config.profile import load_profile
     from naruto_lora.plan.core import SimTarget
     from naruto_lora.plan.models import load_model_configs
     from naruto_lora.plan.sim import simulate_training
+    from naruto_lora.plugins.manager import load_profile
 
     profile = load_profile(profile_name, overrides=settings)
     sim = simulate_training(
@@ -274,13 +274,13 @@ def build_run(profile: Any, configs: Any, device: torch.device, out_dir: Path) -
     from naruto_lora.models.loading import DTYPES
     from naruto_lora.plan.models import noise_scheduler
     from naruto_lora.plugins.manager import build_plugin_manager
+    from naruto_lora.plugins.state import TrainState
     from naruto_lora.train.conditioning import Conditioner
     from naruto_lora.train.guard import NonFiniteGuard
     from naruto_lora.train.metrics import PeakMemory
     from naruto_lora.train.run import Run, TrainOptions
     from naruto_lora.train.schedule import make_lr_scheduler, make_optimizer
     from naruto_lora.train.setup import apply_speed_options, make_accelerator, make_trainable
-    from naruto_lora.train.state import TrainState
 
     pm = build_plugin_manager(profile)
     options = TrainOptions(device=str(device))
@@ -412,8 +412,8 @@ def memory_report(device: torch.device) -> dict[str, Any]:
 
 def run_case(case: Case, args: argparse.Namespace, device: torch.device, out_dir: Path) -> dict:
     """Build, warm up, time; the models freed again before the next case."""
-    from naruto_lora.config.profile import load_profile
     from naruto_lora.plan.models import load_model_configs
+    from naruto_lora.plugins.manager import load_profile
 
     profile = load_profile(case.profile, overrides=base_settings(args, out_dir) + case.settings)
     configs = load_model_configs(profile.model)

@@ -145,10 +145,8 @@ class EMA(Plugin):
 
     @hookimpl
     def nlora_lora_weights_to_save(self, state: Any) -> dict[str, dict[str, torch.Tensor]]:
-        raw = state.lora_state_dict()
         with self.swapped_in(state):
-            averaged = state.lora_state_dict()
-        return {"": raw, EMA_SUBFOLDER: averaged}
+            return {EMA_SUBFOLDER: state.lora_state_dict()}
 
 
 PLUGIN = EMA

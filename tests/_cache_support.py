@@ -11,7 +11,7 @@ import torch
 
 def make_profile(data: Path | str, cache_dir: Path, *overrides: str):
     """The tiny profile reading ``data`` with its caches in ``cache_dir`` (small shards)."""
-    from naruto_lora.config.profile import load_profile
+    from naruto_lora.plugins.manager import load_profile
 
     return load_profile(
         "smoke",

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from naruto_lora.config.profile import LoraConfig, load_profile
+from naruto_lora.config.profile import LoraConfig
 from naruto_lora.lora import inject as lora
 from naruto_lora.lora.inject import EMA_SUBFOLDER, WEIGHT_NAME
+from naruto_lora.plugins.manager import load_profile
 
 # Attention projections plus ResBlock convs (3x3 and 1x1), a time-embedding Linear, a transformer
 # projection and the feed-forward output: every kind of layer the kohya mapping has to name.

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from naruto_lora.config.profile import load_profile
 from naruto_lora.doctor import facts as doctor_facts
 from naruto_lora.doctor.checks import (
     card_gb,
@@ -25,6 +24,7 @@ from naruto_lora.doctor.checks import (
     recommend_profile,
 )
 from naruto_lora.doctor.facts import AssetFacts, CudaFacts, DiskFacts, Facts, GpuFacts, HubFacts
+from naruto_lora.plugins.manager import load_profile
 from tests.conftest import invoke
 
 GPU_PROFILES = ("8gb", "12gb", "14gb")  # lightest first

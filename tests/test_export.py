@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from naruto_lora.config.profile import load_profile
 from naruto_lora.export.writers import export_lora
 from naruto_lora.lora.inject import WEIGHT_NAME
+from naruto_lora.plugins.manager import load_profile
 from naruto_lora.util.errors import UserError
 from tests.conftest import invoke
 from tests.lora_factory import make_output

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from naruto_lora.config.profile import load_profile
 from naruto_lora.plan.memtrack import GIB
+from naruto_lora.plugins.manager import load_profile
 from tests.conftest import invoke
 
 

@@ -26,7 +26,7 @@ def bench():
 def test_benchmark_loops_run_on_the_tiny_model(
     bench, loop, tmp_path, tiny_model_dir, tiny_data_dir
 ):
-    from naruto_lora.config.profile import load_profile
+    from naruto_lora.plugins.manager import load_profile
 
     overrides = bench.run_overrides(tmp_path, loop, 2) + ["data.max_items=8"]
     profile = load_profile("smoke", overrides=overrides)
@@ -43,7 +43,7 @@ def test_benchmark_loops_run_on_the_tiny_model(
 
 
 def test_every_speed_variant_is_a_profile_setting(bench) -> None:
-    from naruto_lora.config.profile import load_profile
+    from naruto_lora.plugins.manager import load_profile
 
     profile = load_profile("smoke", overrides=bench.with_variants([], list(bench.VARIANTS)))
     train = profile.train

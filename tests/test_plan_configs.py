@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from naruto_lora.config.profile import LoraConfig, load_profile
+from naruto_lora.config.profile import LoraConfig
 from naruto_lora.models import sdxl_configs
+from naruto_lora.plugins.manager import load_profile
 from naruto_lora.util.errors import UserError
 
 UNET_PARAMETERS = 2_567_463_684

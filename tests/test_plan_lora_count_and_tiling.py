@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from naruto_lora.config.profile import load_profile
+from naruto_lora.plugins.manager import load_profile
 from tests.conftest import invoke
 
 

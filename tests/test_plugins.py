@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from naruto_lora.config.profile import load_profile
 from naruto_lora.plugins.manager import (
     build_plugin_manager,
     discover_plugins,
     hookspecs,
+    load_profile,
     plugin_hooks,
 )
 from naruto_lora.util.errors import UserError

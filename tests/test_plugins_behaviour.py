@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from naruto_lora.config.profile import load_profile
 from naruto_lora.lora.inject import EMA_SUBFOLDER, inject_lora, lora_state_dict
-from naruto_lora.plugins.manager import build_plugin_manager
-from naruto_lora.train.state import TrainState
+from naruto_lora.plugins.manager import build_plugin_manager, load_profile
+from naruto_lora.plugins.state import TrainState
+from naruto_lora.train.outputs import weights_to_save
 from naruto_lora.util.errors import UserError
 
 T = 1000
@@ -237,7 +237,7 @@ def test_ema_weights_to_save_and_checkpoint_round_trip(lora_unet) -> None:
         for p in trainable(lora_unet).values():
             p.mul_(3.0)
     pm.hook.nlora_after_optimizer_step(state=state)
-    weights = pm.hook.nlora_lora_weights_to_save(state=state)
+    weights = weights_to_save(pm, state)
     assert set(weights) == {"", EMA_SUBFOLDER}
     assert weights[""].keys() == lora_state_dict(lora_unet).keys()
     for key, value in lora_state_dict(lora_unet).items():

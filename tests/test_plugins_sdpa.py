@@ -11,9 +11,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from naruto_lora.config.profile import load_profile
 from naruto_lora.lora.inject import inject_lora
-from naruto_lora.plugins.manager import build_plugin_manager
+from naruto_lora.plugins.manager import build_plugin_manager, load_profile
 from naruto_lora.util.errors import UserError
 
 FLASH_CPU_OP = "aten._scaled_dot_product_flash_attention_for_cpu"

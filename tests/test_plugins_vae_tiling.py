@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from naruto_lora.config.profile import load_profile
-from naruto_lora.plugins.manager import build_plugin_manager
+from naruto_lora.plugins.manager import build_plugin_manager, load_profile
 from naruto_lora.util.errors import UserError
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from naruto_lora.config.profile import builtin_profile_names, load_profile, parse_set
+from naruto_lora.config.profile import builtin_profile_names, parse_set
+from naruto_lora.plugins.manager import load_profile
 from naruto_lora.util.errors import UserError
 from tests.conftest import invoke
 

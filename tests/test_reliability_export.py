@@ -173,8 +173,8 @@ def test_the_export_check_holds_one_module_delta_at_a_time(run, tmp_path, monkey
     """Each loaded delta is freed before the next is computed (all at once: 3.6 GiB on SDXL)."""
     from peft.tuners.lora import layer
 
-    from naruto_lora.config.profile import load_profile
     from naruto_lora.export.writers import export_lora
+    from naruto_lora.plugins.manager import load_profile
 
     alive: list[weakref.ref] = []
     most = 0

@@ -456,7 +456,7 @@ def test_a_run_a_step_short_of_many_is_done_with_a_warning() -> None:
 
 
 def test_plugins_that_compute_the_same_training_may_change_on_resume() -> None:
-    from naruto_lora.config.profile import load_profile
+    from naruto_lora.plugins.manager import load_profile
     from naruto_lora.train.resume import settings_changes
 
     class Tiling:

@@ -103,8 +103,8 @@ def test_ema_missing_is_a_clear_error(tmp_path, cli_runner, tiny_model_dir):
 
 
 def test_kohya_file_samples_like_the_training_output(run, tmp_path, cli_runner, tiny_model_dir):
-    from naruto_lora.config.profile import load_profile
     from naruto_lora.export.writers import export_lora
+    from naruto_lora.plugins.manager import load_profile
 
     profile = load_profile(str(run / "profile.toml"))
     kohya = export_lora(lora_file=run / WEIGHT_NAME, fmt="kohya", out=tmp_path / "k.safetensors",

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from naruto_lora.config.profile import load_profile
 from naruto_lora.demo import style, toy
+from naruto_lora.plugins.manager import load_profile
 
 pytestmark = pytest.mark.slow
 

@@ -52,7 +52,9 @@ def test_toy_style_id_loads_through_the_datasets_imagefolder_loader(nlora_home: 
 
 def test_other_ids_pass_through_unchanged() -> None:
     assert resolve_data("lambdalabs/naruto-blip-captions") == "lambdalabs/naruto-blip-captions"
-    assert toy.resolve_toy_model("stabilityai/stable-diffusion-xl-base-1.0") is None
+    assert resolve_model("stabilityai/stable-diffusion-xl-base-1.0") == (
+        "stabilityai/stable-diffusion-xl-base-1.0"
+    )
 
 
 def test_toy_base_id_resolves_to_the_committed_model() -> None:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from naruto_lora.config.profile import load_profile
 from naruto_lora.lora.inject import EMA_SUBFOLDER, WEIGHT_NAME
+from naruto_lora.plugins.manager import load_profile
 from naruto_lora.train import TrainOptions, train
 from naruto_lora.train.metrics import METRIC_FIELDS, read_metrics
 from naruto_lora.util.errors import UserError

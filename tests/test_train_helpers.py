@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from naruto_lora.config.profile import load_profile, write_resolved
+from naruto_lora.config.profile import write_resolved
+from naruto_lora.plugins.manager import load_profile
 from naruto_lora.train.guard import NonFiniteGuard, explain_out_of_memory, stop_on_signals
 from naruto_lora.train.metrics import MetricsLog, SmoothedValue, plot_loss, read_metrics
 from naruto_lora.train.objective import (

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from naruto_lora.config.profile import load_profile
+from naruto_lora.plugins.manager import load_profile
 from naruto_lora.train import TrainOptions, train
 from naruto_lora.train.schedule import make_optimizer
 from naruto_lora.train.setup import setup_run

@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from naruto_lora.config.profile import Profile, load_profile
+from naruto_lora.config.profile import Profile
 from naruto_lora.plugins.hookspecs import hookimpl
+from naruto_lora.plugins.manager import load_profile
 
 ALL_PLUGINS = ["ema", "offset_noise", "min_snr", "sdpa", "gradient_checkpointing"]
 # Small and fast: the built-in tiny model and shapes (pinned, whatever the tiny profile points

@@ -119,7 +119,8 @@ def load_profile_from_options(kwargs: dict[str, Any]):
     """Pop the profile options from a command's kwargs and resolve the profile."""
     import json
 
-    from naruto_lora.config.profile import SHORTHANDS, load_profile
+    from naruto_lora.config.profile import SHORTHANDS
+    from naruto_lora.plugins.manager import load_profile
 
     overrides = list(kwargs.pop("overrides", ()))
     for option, key in SHORTHANDS.items():

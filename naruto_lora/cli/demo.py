@@ -84,7 +84,7 @@ def register(cli: click.Group) -> None:
         Everything (the tiny SDXL-architecture model and the generated data set) is created
         locally on first use; nothing is downloaded.
         """
-        from naruto_lora.config.profile import load_profile
+        from naruto_lora.plugins.manager import load_profile
         from naruto_lora.util.console import console
 
         profile = load_profile(profile_name)

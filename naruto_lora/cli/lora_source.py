@@ -53,10 +53,8 @@ def _load_run_profile(path: Path) -> Any:
     file, and every run's file is called profile.toml)."""
     import dataclasses
 
-    from naruto_lora.config.profile import (  # tomllib, or tomli before Python 3.11
-        load_profile,
-        tomllib,
-    )
+    from naruto_lora.config.profile import tomllib  # tomllib, or tomli before Python 3.11
+    from naruto_lora.plugins.manager import load_profile
 
     profile = load_profile(str(path))
     name = tomllib.loads(path.read_text(encoding="utf-8")).get("name")

@@ -28,8 +28,12 @@ def register(cli: click.Group) -> None:
 
         from rich.table import Table
 
-        from naruto_lora.config.profile import load_profile
-        from naruto_lora.plugins.manager import discover_plugins, plugin_hooks, plugin_parameters
+        from naruto_lora.plugins.manager import (
+            discover_plugins,
+            load_profile,
+            plugin_hooks,
+            plugin_parameters,
+        )
         from naruto_lora.util.console import console
 
         classes = discover_plugins()

@@ -20,7 +20,8 @@ def register(cli: click.Group) -> None:
 
         from rich.table import Table
 
-        from naruto_lora.config.profile import builtin_profile_names, load_profile
+        from naruto_lora.config.profile import builtin_profile_names
+        from naruto_lora.plugins.manager import load_profile
         from naruto_lora.util.console import console
 
         rows = []
@@ -81,7 +82,7 @@ def register(cli: click.Group) -> None:
     ) -> None:
         """Print profile NAME (a built-in name or a .toml path) fully resolved: extends merged,
         defaults filled in, overrides applied."""
-        from naruto_lora.config.profile import load_profile
+        from naruto_lora.plugins.manager import load_profile
 
         profile = load_profile(name, overrides=overrides, enable=enable, disable=disable)
         click.echo(profile.to_json() if as_json else profile.to_toml())

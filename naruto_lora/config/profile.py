@@ -496,14 +496,12 @@ def _validate_values(profile: Profile) -> None:
             raise UserError(f"{key} = {_plain(value)!r} is invalid: it must be {expected}.")
 
 
-def validate(
-    name: str, raw: Mapping[str, Any], plugin_classes: Mapping[str, type] | None = None
-) -> Profile:
-    """Turn a merged raw table into a ``Profile``; every problem is a ``UserError``."""
-    from naruto_lora.plugins.manager import discover_plugins
+def validate(name: str, raw: Mapping[str, Any], plugin_classes: Mapping[str, type]) -> Profile:
+    """Turn a merged raw table into a ``Profile``; every problem is a ``UserError``.
 
-    if plugin_classes is None:
-        plugin_classes = discover_plugins()
+    ``plugin_classes`` (name -> plugin class) are handed in: this package never imports plugin
+    code, so one broken plugin cannot break profile handling.
+    """
     unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise UserError(
@@ -543,18 +541,16 @@ def validate(
     return profile
 
 
-def load_profile(
-    name_or_path: str = "14gb",
+def resolve_profile(
+    name_or_path: str,
+    plugin_classes: Mapping[str, type],
     overrides: Iterable[str] = (),
     enable: Iterable[str] = (),
     disable: Iterable[str] = (),
-    plugin_classes: Mapping[str, type] | None = None,
 ) -> Profile:
-    """Resolve a profile with the CLI's overrides applied, in the documented precedence."""
-    from naruto_lora.plugins.manager import discover_plugins
-
-    if plugin_classes is None:
-        plugin_classes = discover_plugins()
+    """Resolve a profile with the CLI's overrides applied, in the documented precedence
+    (defaults < extends chain < profile < ``--set`` < ``--enable``/``--disable``). Most callers
+    want ``naruto_lora.plugins.manager.load_profile``, which finds the installed plugins."""
     name, raw = resolve_raw(name_or_path, plugin_classes)
     raw.pop("name", None)
     for assignment in overrides:

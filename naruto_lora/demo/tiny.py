@@ -13,9 +13,10 @@ not 0.13025) so that no code can get away with SDXL's numbers hard-coded.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
+
+from naruto_lora.util.home import nlora_home
 
 TINY_MODEL_ID = "nlora:tiny"
 TINY_DATA_ID = "nlora:tiny-shapes"
@@ -80,16 +81,6 @@ _WORDS = [
     "center",
     "background",
 ]
-
-
-def cache_root() -> Path:
-    """Where built-in assets live: ``$NLORA_HOME`` or the XDG cache folder."""
-    env = os.environ.get("NLORA_HOME")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "naruto-lora"
 
 
 def write_tokenizer(folder: Path) -> int:
@@ -236,7 +227,7 @@ def ensure_tiny_model(root: Path | None = None) -> Path:
     """Create the tiny model folder once (atomically) and return its path."""
     from naruto_lora.util.io import atomic_dir
 
-    folder = (root or cache_root()) / f"tiny-sdxl-v{TINY_VERSION}"
+    folder = (root or nlora_home()) / f"tiny-sdxl-v{TINY_VERSION}"
     if _ready(folder):
         return folder
     with atomic_dir(folder) as tmp:
@@ -309,7 +300,7 @@ def write_tiny_dataset(folder: Path, count: int = 36, size: int = 64, seed: int 
 def ensure_tiny_dataset(root: Path | None = None) -> Path:
     from naruto_lora.util.io import atomic_dir
 
-    folder = (root or cache_root()) / f"tiny-shapes-v{TINY_VERSION}"
+    folder = (root or nlora_home()) / f"tiny-shapes-v{TINY_VERSION}"
     if _ready(folder):
         return folder
     with atomic_dir(folder) as tmp:

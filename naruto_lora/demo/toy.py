@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from naruto_lora.demo.tiny import cache_root
+from naruto_lora.util.home import nlora_home
 
 TOY_BASE_ID = "nlora:toy-base"
 TOY_STYLE_ID = "nlora:toy-style"
@@ -224,7 +224,7 @@ def ensure_toy_dataset(styled: bool = True, root: Path | None = None) -> Path:
     from naruto_lora.util.io import atomic_dir
 
     name = "toy-style" if styled else "toy-plain"
-    folder = (root or cache_root()) / f"{name}-v{TOY_DATA_VERSION}"
+    folder = (root or nlora_home()) / f"{name}-v{TOY_DATA_VERSION}"
     marker = folder / ".nlora-complete"
     if marker.is_file() and marker.read_text().strip() == TOY_DATA_VERSION:
         return folder
@@ -239,10 +239,8 @@ def toy_base_dir() -> Path:
     return Path(__file__).resolve().parent / "assets" / "toy-base"
 
 
-def resolve_toy_model(model_id: str) -> str | None:
-    """The local folder for ``nlora:toy-base``; ``None`` for any other id."""
-    if model_id != TOY_BASE_ID:
-        return None
+def resolve_toy_model() -> str:
+    """The local folder of ``nlora:toy-base`` (package data)."""
     from naruto_lora.util.errors import UserError
 
     folder = toy_base_dir()
@@ -253,15 +251,6 @@ def resolve_toy_model(model_id: str) -> str | None:
             "`python scripts/train_base.py`.",
         )
     return str(folder)
-
-
-def resolve_toy_data(source: str) -> str | None:
-    """The local folder for ``nlora:toy-style`` / ``nlora:toy-plain``; ``None`` otherwise."""
-    if source == TOY_STYLE_ID:
-        return str(ensure_toy_dataset(styled=True))
-    if source == TOY_PLAIN_ID:
-        return str(ensure_toy_dataset(styled=False))
-    return None
 
 
 def _any_colour(rng: random.Random) -> tuple[int, int, int]:

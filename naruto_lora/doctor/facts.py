@@ -201,7 +201,7 @@ def datasets_cache_dir() -> Path:
 
 
 def probe_disks(profile: Profile) -> tuple[DiskFacts, ...]:
-    from naruto_lora.demo.tiny import cache_root
+    from naruto_lora.util.home import nlora_home
 
     places = [
         ("cache", Path(profile.cache.dir)),
@@ -209,7 +209,7 @@ def probe_disks(profile: Profile) -> tuple[DiskFacts, ...]:
         ("hub cache", hub_cache_dir()),
     ]
     if profile.model.pretrained.startswith("nlora:") or profile.data.source.startswith("nlora:"):
-        places.append(("nlora home", cache_root()))
+        places.append(("nlora home", nlora_home()))
     disks = []
     for role, path in places:
         checked = nearest_existing(path)
@@ -309,27 +309,12 @@ def _hub_data_status(repo_id: str) -> tuple[bool, str]:
 
 
 def _builtin_status(source: str) -> tuple[bool, str]:
-    from naruto_lora.demo import toy
-    from naruto_lora.demo.tiny import TINY_DATA_ID, TINY_MODEL_ID, TINY_VERSION, cache_root
+    from naruto_lora.models import registry
 
-    if source == toy.TOY_BASE_ID:
-        folder = toy.toy_base_dir()
-        if (folder / "model_index.json").is_file():
-            return True, f"shipped with naruto-lora ({folder})"
-        return False, f"missing from this installation (looked in '{folder}'); reinstall"
-    folders = {
-        TINY_MODEL_ID: f"tiny-sdxl-v{TINY_VERSION}",
-        TINY_DATA_ID: f"tiny-shapes-v{TINY_VERSION}",
-        toy.TOY_STYLE_ID: f"toy-style-v{toy.TOY_DATA_VERSION}",
-        toy.TOY_PLAIN_ID: f"toy-plain-v{toy.TOY_DATA_VERSION}",
-    }
-    if source not in folders:
-        known = ", ".join([*folders, toy.TOY_BASE_ID])
-        return False, f"unknown built-in id; known: {known}"
-    folder = cache_root() / folders[source]
-    if (folder / ".nlora-complete").is_file():
-        return True, f"built in ({folder})"
-    return True, "built in; generated on first use (seconds)"
+    known = registry.builtin_ids()
+    if source not in known:
+        return False, f"unknown built-in id; known: {', '.join(known)}"
+    return known[source].status()
 
 
 def _looks_like_path(source: str) -> bool:

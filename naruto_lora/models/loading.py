@@ -1,4 +1,4 @@
-"""Loading the parts of an SDXL model from a hub id, a local diffusers folder, or ``nlora:tiny``.
+"""Loading the parts of an SDXL model from a hub id, a local diffusers folder, or an ``nlora:`` id.
 
 Everything model-specific (latent channels, VAE downscale factor, ``scaling_factor``, hidden sizes,
 sample size, prediction type) is read from the loaded configs, never assumed to be SDXL's.
@@ -13,26 +13,18 @@ from typing import Any
 
 import torch
 
-from naruto_lora.demo.tiny import (
-    TINY_DATA_ID,
-    TINY_MODEL_ID,
-    ensure_tiny_dataset,
-    ensure_tiny_model,
-)
-from naruto_lora.demo.toy import resolve_toy_data, resolve_toy_model
+from naruto_lora.models import registry
 from naruto_lora.util.errors import UserError
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_model(model_id: str) -> str:
-    """A local folder path or a hub id; ``nlora:tiny`` is built on first use, ``nlora:toy-base``
-    is the committed demo base (package data)."""
-    if model_id == TINY_MODEL_ID:
-        return str(ensure_tiny_model())
-    toy = resolve_toy_model(model_id)  # nlora:toy-base, the committed demo base
-    if toy is not None:
-        return toy
+    """A local folder path or a hub id; an ``nlora:`` id is looked up in ``models.registry``
+    (the demo's models: built on first use, or shipped as package data)."""
+    builtin = registry.lookup(model_id, "model")
+    if builtin is not None:
+        return builtin.resolve()
     path = Path(model_id).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file() and not (path / "config.json").is_file():
@@ -47,10 +39,9 @@ def resolve_model(model_id: str) -> str:
 
 
 def resolve_data(source: str) -> str:
-    if source == TINY_DATA_ID:
-        return str(ensure_tiny_dataset())
-    toy = resolve_toy_data(source)  # nlora:toy-style / nlora:toy-plain, generated on first use
-    return source if toy is None else toy
+    """A data set's path or hub id; an ``nlora:`` id is looked up in ``models.registry``."""
+    builtin = registry.lookup(source, "data")
+    return source if builtin is None else builtin.resolve()
 
 
 def _load(loader: Any, model_id: str, what: str, **kwargs: Any) -> Any:

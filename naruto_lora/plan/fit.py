@@ -28,10 +28,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from naruto_lora.config.profile import Profile, apply_override, validate
+from naruto_lora.config.profile import Profile, apply_override
 from naruto_lora.plan.core import PLUGIN_PREFIX
 from naruto_lora.plan.memtrack import GIB
 from naruto_lora.plan.planner import TIGHT_HEADROOM, Plan, allowance_bytes, plan_profile, usable_gib
+from naruto_lora.plugins.manager import validate_profile
 from naruto_lora.util.errors import UserError
 
 CHECKPOINTING = "gradient_checkpointing"
@@ -93,7 +94,7 @@ def profile_with(base: Profile, assignments: dict[str, Any]) -> Profile:
     raw.pop("name", None)
     for key, value in assignments.items():
         raw = apply_override(raw, key.split("."), value)
-    return validate(base.name, raw)
+    return validate_profile(base.name, raw)
 
 
 def changed_keys(base: Profile, profile: Profile) -> dict[str, Any]:
@@ -438,7 +439,7 @@ def profile_toml(result: FitResult, extends: str) -> str:
     """A profile file: ``extends`` the profile as named, with every key that differs."""
     import tomli_w
 
-    from naruto_lora.config.profile import load_profile
+    from naruto_lora.plugins.manager import load_profile
 
     named = load_profile(extends)
     table: dict[str, Any] = {

@@ -160,10 +160,10 @@ def profile_settings(profile: Profile) -> dict[str, Any]:
 
 def _sampling_worker(name: str, raw: dict[str, Any], configs: ModelConfigs) -> list[PhasePeak]:
     """``nlora sample`` with and without ``--low-vram`` (run in a second process)."""
-    from naruto_lora.config.profile import validate
     from naruto_lora.plan.pipeline import simulate_sampling
+    from naruto_lora.plugins.manager import validate_profile
 
-    profile = validate(name, raw)
+    profile = validate_profile(name, raw)
     return [simulate_sampling(profile, configs, low_vram=low) for low in (False, True)]
 
 
@@ -275,9 +275,9 @@ def _cache_key(profile: Profile, configs: ModelConfigs, sampling: bool) -> str:
 
 
 def _cache_file(key: str) -> Path:
-    from naruto_lora.demo.tiny import cache_root
+    from naruto_lora.util.home import nlora_home
 
-    return cache_root() / "plans" / f"{key}.json"
+    return nlora_home() / "plans" / f"{key}.json"
 
 
 def _read_cache(key: str) -> Plan | None:

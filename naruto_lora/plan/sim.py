@@ -154,8 +154,8 @@ def setup(
 ) -> SimpleNamespace:
     """What ``train.setup.setup_run`` builds, as far as device memory goes, plus the plugins'
     ``nlora_train_start``: the fields ``compute_loss`` reads, and the planner's own."""
+    from naruto_lora.plugins.state import TrainState
     from naruto_lora.train.conditioning import Conditioner
-    from naruto_lora.train.state import TrainState
 
     dtype, autocast_dtype = weight_dtype_for(profile, target)
     unet, params = build_unet(profile, configs, pm, tracker, dtype, target.fake)

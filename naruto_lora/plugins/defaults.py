@@ -19,7 +19,3 @@ class CoreDefaults:
     def nlora_sample_timesteps(self, state, batch_size: int, device, generator) -> torch.Tensor:
         num = state.noise_scheduler.config.num_train_timesteps
         return torch.randint(0, num, (batch_size,), generator=generator, device=device).long()
-
-    @hookimpl(trylast=True)
-    def nlora_lora_weights_to_save(self, state) -> dict[str, dict[str, torch.Tensor]]:
-        return {"": state.lora_state_dict()}

@@ -9,7 +9,7 @@ Three kinds, chosen by meaning:
   the ``yield`` runs around the wrapped block, e.g. EMA swaps weights in and restores them.
 
 Hooks are always called with keyword arguments. Training hooks get the one ``TrainState``
-(see ``naruto_lora.train.state``) instead of growing argument lists.
+(see ``naruto_lora.plugins.state``) instead of growing argument lists.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from naruto_lora.config.profile import Profile
-    from naruto_lora.train.state import TrainState
+    from naruto_lora.plugins.state import TrainState
 
 PROJECT = "nlora"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -123,10 +123,11 @@ def nlora_checkpoint_state(state: TrainState) -> dict[str, Any] | None:
     plain data}``; keys must be unique across plugins (use the plugin name)."""
 
 
-@hookspec(firstresult=True)
-def nlora_lora_weights_to_save(state: TrainState) -> dict[str, dict[str, torch.Tensor]]:
-    """Exactly one answer: which LoRA weights to write, as ``{subfolder: peft state dict}``;
-    ``""`` is the output folder itself. Core default: the trained weights at ``""``."""
+@hookspec
+def nlora_lora_weights_to_save(state: TrainState) -> dict[str, dict[str, torch.Tensor]] | None:
+    """Everyone contributes: extra LoRA weight sets to write beside the trained ones, as
+    ``{subfolder: peft state dict}`` (e.g. ``{"ema": ...}``). The core always writes the trained
+    weights into the output folder itself; subfolders must be unique across plugins."""
 
 
 @hookspec

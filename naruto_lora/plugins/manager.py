@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -95,6 +95,29 @@ def discover_plugins() -> dict[str, type]:
             )
         plugins[name] = cls
     return plugins
+
+
+def load_profile(
+    name_or_path: str = "14gb",
+    overrides: Iterable[str] = (),
+    enable: Iterable[str] = (),
+    disable: Iterable[str] = (),
+    plugin_classes: Mapping[str, type] | None = None,
+) -> Profile:
+    """Resolve a profile against the installed plugins (``discover_plugins``), with the CLI's
+    overrides applied (``naruto_lora.config.profile.resolve_profile``)."""
+    from naruto_lora.config.profile import resolve_profile
+
+    if plugin_classes is None:
+        plugin_classes = discover_plugins()
+    return resolve_profile(name_or_path, plugin_classes, overrides, enable, disable)
+
+
+def validate_profile(name: str, raw: Mapping[str, Any]) -> Profile:
+    """``naruto_lora.config.profile.validate`` against the installed plugins."""
+    from naruto_lora.config.profile import validate
+
+    return validate(name, raw, discover_plugins())
 
 
 def new_manager() -> pluggy.PluginManager:

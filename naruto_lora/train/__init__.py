@@ -16,7 +16,7 @@ __all__ = ["TrainOptions", "TrainResult", "train"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: importing naruto_lora.train.state (for TrainState) must not pull in the whole loop.
+    # Lazy: importing one part of training must not pull in the whole loop.
     if name == "train":
         from naruto_lora.train.loop import train
 

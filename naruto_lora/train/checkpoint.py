@@ -34,6 +34,7 @@ from naruto_lora.train.outputs import (
     identity_differences,
     run_identity,
     weights_metadata,
+    weights_to_save,
     write_lora_weights,
 )
 from naruto_lora.train.rng import capture_rng, restore_rng
@@ -231,7 +232,7 @@ def _write_checkpoint(run: Any, path: Path, rng_by_rank: list[dict[str, Any]]) -
 
     step = run.state.global_step
     plugin_state = _plugin_state(run)
-    weights = run.pm.hook.nlora_lora_weights_to_save(state=run.state)
+    weights = weights_to_save(run.pm, run.state)
     with atomic_dir(path) as tmp:  # files and folder fsynced before the rename
         write_lora_weights(
             tmp, weights, adapter_metadata(run.state.unet), weights_metadata(run.profile, step)

@@ -14,7 +14,7 @@ from naruto_lora.train.card import RunSummary, write_model_card
 from naruto_lora.train.checkpoint import save_checkpoint
 from naruto_lora.train.guard import check_final_weights, check_ran_to_the_end
 from naruto_lora.train.metrics import LOSS_PLOT_NAME, plot_loss
-from naruto_lora.train.outputs import SAMPLES, weights_metadata, write_lora_weights
+from naruto_lora.train.outputs import SAMPLES, weights_metadata, weights_to_save, write_lora_weights
 from naruto_lora.train.validation import write_samples
 
 
@@ -80,7 +80,7 @@ def finish(run: Any) -> TrainResult:
         checkpoint_now(run)
     check_ran_to_the_end(run.state.global_step, run.total_steps, run.guard, run.last_checkpoint)
     run.pm.hook.nlora_train_end(state=run.state)
-    weights = run.pm.hook.nlora_lora_weights_to_save(state=run.state)
+    weights = weights_to_save(run.pm, run.state)
     check_final_weights(weights, run.profile.train.learning_rate)
     written: list[Path] = []
     output_dir = run.state.output_dir

@@ -163,13 +163,29 @@ def _version() -> str:
     return __version__
 
 
+def weights_to_save(pm: Any, state: Any) -> dict[str, dict[str, Any]]:
+    """The trained weights (at ``""``, the folder itself) and every plugin's extra weight sets
+    (``nlora_lora_weights_to_save``), as ``{subfolder: peft state dict}``."""
+    weights: dict[str, dict[str, Any]] = {"": state.lora_state_dict()}
+    for extra in pm.hook.nlora_lora_weights_to_save(state=state):
+        for subfolder, state_dict in (extra or {}).items():
+            if subfolder in weights or not subfolder or "/" in subfolder or subfolder[0] == ".":
+                raise UserError(
+                    f"A plugin asked to save LoRA weights into subfolder {subfolder!r}, which is "
+                    "taken or not a plain folder name.",
+                    hint="Each plugin saves into a subfolder of its own (e.g. its name).",
+                )
+            weights[subfolder] = state_dict
+    return weights
+
+
 def write_lora_weights(
     folder: Path,
     weights: dict[str, dict[str, Any]],
     adapter_meta: dict[str, Any],
     extra_metadata: dict[str, str],
 ) -> list[Path]:
-    """Write each ``{subfolder: state dict}`` answer of ``nlora_lora_weights_to_save``."""
+    """Write each ``{subfolder: state dict}`` of ``weights_to_save``."""
     from naruto_lora.lora.inject import save_lora
 
     written = []

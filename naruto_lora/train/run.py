@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from naruto_lora.config.profile import Profile
+from naruto_lora.plugins.state import TrainState
 from naruto_lora.train.conditioning import Conditioner
 from naruto_lora.train.guard import NonFiniteGuard
 from naruto_lora.train.metrics import MetricsLog, PeakMemory, SmoothedValue
-from naruto_lora.train.state import TrainState
 from naruto_lora.train.validation import Validation
 
 

@@ -23,6 +23,7 @@ from naruto_lora.models.loading import (
     load_vae,
     vae_is_fp16_safe,
 )
+from naruto_lora.plugins.state import TrainState
 from naruto_lora.train.conditioning import Conditioner
 from naruto_lora.train.distributed import (
     check_device_for_processes,
@@ -36,7 +37,6 @@ from naruto_lora.train.metrics import MetricsLog, PeakMemory
 from naruto_lora.train.outputs import PROFILE_NAME, check_output_folder, clear_previous_run
 from naruto_lora.train.run import Run, TrainOptions
 from naruto_lora.train.schedule import make_lr_scheduler, make_optimizer, plan_total_steps
-from naruto_lora.train.state import TrainState
 from naruto_lora.train.validation import Validation, encode_validation_prompts
 from naruto_lora.util.console import console
 from naruto_lora.util.errors import UserError

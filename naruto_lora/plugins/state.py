@@ -1,4 +1,4 @@
-"""The one object training hooks receive."""
+"""The one object training hooks receive (part of the plugin API, beside the hookspecs)."""
 
 from __future__ import annotations
 
