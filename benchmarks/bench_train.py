@@ -19,7 +19,7 @@ clock around each; validation samples and checkpoints are off. Memory on a GPU i
 allocated, shown beside the planner's prediction for the same configuration.
 
 Speed variants (``--variant``, repeatable; each is the profile setting in VARIANT_SETTINGS, which
-the loop applies): compile, channels_last, tf32, no_fused, bf16.
+the loop applies): the compile, channels_last and tf32 plugins, bf16.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Clock, PeakMemory, device_peak_tflops, machine, random_sdxl_folder  # noqa: E402
 
-VARIANTS = ("compile", "channels_last", "tf32", "no_fused", "bf16")
+VARIANTS = ("compile", "channels_last", "tf32", "bf16")
 
 
 def wall_clock() -> bool:
@@ -79,10 +79,9 @@ class Timings:
 
 
 VARIANT_SETTINGS = {
-    "compile": "train.compile=true",
-    "channels_last": "train.channels_last=true",
-    "tf32": "train.allow_tf32=true",
-    "no_fused": "train.fused_optimizer=false",
+    "compile": "plugins.compile.enabled=true",
+    "channels_last": "plugins.channels_last.enabled=true",
+    "tf32": "plugins.tf32.enabled=true",
     "bf16": 'train.mixed_precision="bf16"',
 }
 

@@ -17,7 +17,7 @@ losses. Writes ``gpu_check.json`` and ``gpu_check.md`` into ``--out``.
 
 Every case runs the training loop's own pieces: the profile resolved as ``nlora train`` resolves
 it, ``make_accelerator``, ``make_trainable`` (LoRA, ``nlora_prepare_unet`` hooks),
-``make_optimizer``, ``apply_speed_options``, ``accelerator.prepare``, the plugins'
+``make_optimizer``, ``accelerator.prepare``, ``nlora_wrap_model``, the plugins'
 ``nlora_train_start``, then ``train_micro_batch`` / ``optimizer_update`` /
 ``nlora_after_optimizer_step`` exactly as ``train_loop`` calls them. Only the weights (random,
 built on the device) and the batches (the planner's ``make_batch``: cached latents and
@@ -90,7 +90,7 @@ def plan_cases(args: argparse.Namespace) -> list[Case]:
             "8-bit AdamW",
             "path",
             path,
-            ['train.optimizer="adamw8bit"'],
+            ["plugins.adamw8bit.enabled=true"],
             needs=["cuda", "bitsandbytes"],
         ),
     ]
@@ -98,7 +98,7 @@ def plan_cases(args: argparse.Namespace) -> list[Case]:
     if base not in args.profiles:
         cases.append(Case(base, "profile", base))
     variants = [
-        Case(f"{base} + channels_last", "variant", base, ["train.channels_last=true"]),
+        Case(f"{base} + channels_last", "variant", base, ["plugins.channels_last.enabled=true"]),
         *(
             Case(
                 f"{base} + sdpa {kernel}",
@@ -117,19 +117,18 @@ def plan_cases(args: argparse.Namespace) -> list[Case]:
             [f'train.mixed_precision="{other_precision(base)}"'],
             needs=["cuda"],
         ),
-        Case(f"{base} + foreach AdamW", "variant", base, ["train.fused_optimizer=false"]),
         Case(
             f"{base} + 8-bit AdamW",
             "variant",
             base,
-            ['train.optimizer="adamw8bit"'],
+            ["plugins.adamw8bit.enabled=true"],
             needs=["cuda", "bitsandbytes"],
         ),
         Case(
             f"{base} + compile",
             "variant",
             base,
-            ["train.compile=true"],
+            ["plugins.compile.enabled=true"],
             needs=["gpu-time"],
             min_budget_s=150.0,
         ),
@@ -280,7 +279,7 @@ def build_run(profile: Any, configs: Any, device: torch.device, out_dir: Path) -
     from naruto_lora.train.metrics import PeakMemory
     from naruto_lora.train.run import Run, TrainOptions
     from naruto_lora.train.schedule import make_lr_scheduler, make_optimizer
-    from naruto_lora.train.setup import apply_speed_options, make_accelerator, make_trainable
+    from naruto_lora.train.setup import make_accelerator, make_trainable
 
     pm = build_plugin_manager(profile)
     options = TrainOptions(device=str(device))
@@ -295,9 +294,8 @@ def build_run(profile: Any, configs: Any, device: torch.device, out_dir: Path) -
         torch.manual_seed(profile.train.seed + 1)
         conditioner.text_encoders = random_text_encoders(configs, device, weight_dtype)
     total_steps = profile.train.max_steps
-    optimizer = make_optimizer(params, profile.train, device)
+    optimizer = make_optimizer(pm, params, profile, device)
     lr_scheduler = make_lr_scheduler(optimizer, profile.train, total_steps)
-    apply_speed_options(unet, profile.train, device)
     model, optimizer = accelerator.prepare(unet, optimizer)
     state = TrainState(
         profile=profile,
@@ -317,7 +315,7 @@ def build_run(profile: Any, configs: Any, device: torch.device, out_dir: Path) -
         pm=pm,
         accelerator=accelerator,
         state=state,
-        model=torch.compile(model) if profile.train.compile else model,
+        model=pm.hook.nlora_wrap_model(model=model, profile=profile),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         dataset=None,
@@ -423,7 +421,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, out_dir
     batches = device_batches(profile, configs, run)
     reset_memory(device)  # the peak from here on: training, not the fp32 build of the weights
     build_s = time.perf_counter() - started
-    compile_case = profile.train.compile
+    compile_case = "compile" in profile.enabled_plugins()
     warmup = args.warmup + (2 if compile_case else 0)
     updates = args.path_updates if case.kind == "path" else args.updates
     result = timed_updates(run, batches, warmup, updates)

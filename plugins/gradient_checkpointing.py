@@ -10,6 +10,8 @@ from naruto_lora.plugins.manager import Plugin
 class GradientCheckpointing(Plugin):
     name = "gradient_checkpointing"
     description = "Recompute UNet activations in backward: far less memory, ~20-35% slower steps."
+    memory_role = "activation_checkpointing"  # nlora plan --fit may switch it
+    memory_advice = "activations recomputed in backward"  # the out-of-memory advice
 
     @hookimpl
     def nlora_prepare_unet(self, unet, profile, training: bool) -> None:

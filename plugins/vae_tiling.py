@@ -53,6 +53,7 @@ class VAETiling(Plugin):
     name = "vae_tiling"
     Config = VAETilingConfig
     description = "Decodes validation samples in tiles: far less VRAM at 1024 px."
+    memory_role = "tiled_decode"  # nlora plan --fit may switch it
 
     @hookimpl
     def nlora_prepare_validation_vae(self, vae: Any, profile: Any) -> None:

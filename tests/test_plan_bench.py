@@ -46,6 +46,5 @@ def test_every_speed_variant_is_a_profile_setting(bench) -> None:
     from naruto_lora.plugins.manager import load_profile
 
     profile = load_profile("smoke", overrides=bench.with_variants([], list(bench.VARIANTS)))
-    train = profile.train
-    assert (train.compile, train.channels_last, train.allow_tf32) == (True, True, True)
-    assert train.fused_optimizer is False and train.mixed_precision == "bf16"
+    assert {"compile", "channels_last", "tf32"} <= set(profile.enabled_plugins())
+    assert profile.train.mixed_precision == "bf16"

@@ -63,6 +63,23 @@ def test_builtins_are_discovered_with_config_dataclasses() -> None:
         assert plugins[name].__module__.startswith("nlora_plugins.")
 
 
+def test_every_builtin_module_is_declared_in_the_entry_point_group() -> None:
+    """One discovery path: a plugin file without its pyproject line would never be found."""
+    import pkgutil
+    from importlib import metadata
+
+    import nlora_plugins
+
+    modules = {i.name for i in pkgutil.iter_modules(nlora_plugins.__path__)}
+    declared = {
+        ep.value.split(":")[0].removeprefix("nlora_plugins.")
+        for ep in metadata.entry_points(group="nlora")
+        if ep.value.startswith("nlora_plugins.")
+    }
+    assert modules == declared
+    assert set(discover_plugins()) >= {m for m in modules}  # each module's plugin has its name
+
+
 def test_disabled_plugins_are_not_registered() -> None:
     pm = build_plugin_manager(load_profile("14gb"))
     names = {pm.get_name(p) for p in pm.get_plugins()}

@@ -89,8 +89,11 @@ class Sharpen:
 def sharpen_installed(monkeypatch):
     import naruto_lora.plugins.manager as plugins
 
+    installed = plugins.entry_point_plugins()  # ours come through the same entry-point group
     monkeypatch.setattr(
-        plugins, "entry_point_plugins", lambda: {"sharpen": (Sharpen, "entry point 'sharpen'")}
+        plugins,
+        "entry_point_plugins",
+        lambda: {**installed, "sharpen": (Sharpen, "entry point 'sharpen'")},
     )
 
 

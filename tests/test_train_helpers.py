@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from naruto_lora.config.profile import write_resolved
-from naruto_lora.plugins.manager import load_profile
+from naruto_lora.plugins.manager import build_plugin_manager, load_profile
 from naruto_lora.train.guard import NonFiniteGuard, explain_out_of_memory, stop_on_signals
 from naruto_lora.train.metrics import MetricsLog, SmoothedValue, plot_loss, read_metrics
 from naruto_lora.train.objective import (
@@ -77,16 +77,17 @@ def test_constant_schedule_and_warmup_longer_than_the_run() -> None:
 
 def test_optimizer_choice_and_8bit_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     params = [torch.nn.Parameter(torch.zeros(2))]
-    cfg = load_profile("smoke").train
-    adamw = make_optimizer(params, cfg, torch.device("cpu"))
+    profile = load_profile("smoke")
+    adamw = make_optimizer(build_plugin_manager(profile), params, profile, torch.device("cpu"))
     assert isinstance(adamw, torch.optim.AdamW) and not adamw.defaults.get("fused")
-    assert adamw.defaults["lr"] == cfg.learning_rate
-    cfg8 = load_profile("smoke", overrides=['train.optimizer="adamw8bit"']).train
+    assert adamw.defaults["lr"] == profile.train.learning_rate
+    eight = load_profile("smoke", enable=["adamw8bit"])
+    pm8 = build_plugin_manager(eight)
     with pytest.raises(UserError, match="needs a CUDA GPU"):
-        make_optimizer(params, cfg8, torch.device("cpu"))
+        make_optimizer(pm8, params, eight, torch.device("cpu"))
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # import fails
     with pytest.raises(UserError, match="needs bitsandbytes"):
-        make_optimizer(params, cfg8, torch.device("cuda"))
+        make_optimizer(pm8, params, eight, torch.device("cuda"))
 
 
 # --------------------------------------------------------------------------- objective

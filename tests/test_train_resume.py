@@ -82,9 +82,11 @@ def test_stop_and_resume_equals_one_run_bit_for_bit(cache_dir: Path, tmp_path: P
     second = train(two, TrainOptions(device="cpu", resume="latest"), pm=pm)
     assert (second.global_step, second.interrupted) == (4, None)
     called = recorder.first_calls()
-    assert called[:4] == [
+    assert called[:6] == [
         "nlora_prepare_unet",
         "nlora_prepare_validation_vae",
+        "nlora_build_optimizer",
+        "nlora_wrap_model",
         "nlora_train_start",
         "nlora_load_checkpoint_state",
     ]

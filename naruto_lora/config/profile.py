@@ -91,7 +91,6 @@ class TrainConfig:
     lr_scheduler: str = "cosine"
     lr_warmup_steps: int = 100
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
@@ -103,11 +102,6 @@ class TrainConfig:
     max_nonfinite_in_row: int = 5
     dataloader_workers: int = 0
     output_dir: str = "output"
-    # Speed options (measured by benchmarks/bench_train.py; see benchmarks/RESULTS.md).
-    compile: bool = False  # torch.compile the UNet forward
-    channels_last: bool = False  # UNet weights and activations in NHWC
-    allow_tf32: bool = True  # TF32 matmuls/convolutions on Ampere and later (CUDA only)
-    fused_optimizer: bool = True  # fused AdamW kernel (CUDA only)
 
 
 @dataclass(frozen=True)
@@ -291,6 +285,10 @@ def resolve_raw(
         current = extends
         relative_to = path.parent if path else None
     if plugin_classes is not None:
+        chain = [
+            upgrade_moved_keys(raw, plugin_classes, label)
+            for raw, label in zip(chain, labels, strict=True)
+        ]
         for i, (raw, label) in enumerate(zip(chain, labels, strict=True)):
             _check_file(raw, label, labels[i - 1] if i else None, plugin_classes)
     merged: dict[str, Any] = {}
@@ -300,6 +298,60 @@ def resolve_raw(
     # A profile's own description wins; a parent's description does not describe the child.
     merged["description"] = chain[0].get("description", merged.get("description", ""))
     return name, merged
+
+
+# Keys that are gone, with what replaced them (read, then ignored with this message).
+REMOVED_KEYS = {
+    "train.fused_optimizer": "the core's AdamW always uses the fused kernel on CUDA now",
+}
+
+
+def upgrade_moved_keys(
+    raw: Mapping[str, Any], plugin_classes: Mapping[str, type], label: str
+) -> dict[str, Any]:
+    """Old keys that became plugins, rewritten to their ``[plugins.NAME]`` tables, each with a
+    deprecation message. A plugin class declares what it replaces as ``replaces = {"train.key":
+    fn}``, ``fn(old value)`` giving the plugin table to merge (or ``None``: nothing to do); this
+    module names no plugin."""
+    moves = {
+        key: (name, upgrade)
+        for name, cls in plugin_classes.items()
+        for key, upgrade in getattr(cls, "replaces", {}).items()
+    }
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in raw.items()}
+    for dotted in sorted({*moves, *REMOVED_KEYS}):
+        section, key = dotted.split(".", 1)
+        table = out.get(section)
+        if not isinstance(table, dict) or key not in table:
+            continue
+        value = table.pop(key)
+        if dotted in REMOVED_KEYS:
+            _deprecated(f"{dotted} ({label}) is ignored: {REMOVED_KEYS[dotted]}.")
+            continue
+        name, upgrade = moves[dotted]
+        plugin_table = upgrade(value)
+        if plugin_table is None:
+            _deprecated(f"{dotted} = {_toml(value)} ({label}) is the default: remove it.")
+            continue
+        plugins = out.setdefault("plugins", {})
+        if not isinstance(plugins, dict):
+            continue  # _plugin_tables reports the broken [plugins] table
+        plugins[name] = {**dict(plugins.get(name, {})), **plugin_table}
+        new = ", ".join(f"{k} = {_toml(v)}" for k, v in plugin_table.items())
+        _deprecated(f"{dotted} = {_toml(value)} ({label}) is now [plugins.{name}] {new}.")
+    return out
+
+
+def _toml(value: Any) -> str:
+    return json.dumps(_plain(value))  # true, 1.5, "text": as a profile writes them
+
+
+def _deprecated(message: str) -> None:
+    from rich.markup import escape
+
+    from naruto_lora.util.console import err_console
+
+    err_console.print(f"[yellow]deprecated:[/] {escape(message)}", soft_wrap=True)
 
 
 def _check_file(
@@ -555,7 +607,7 @@ def resolve_profile(
     raw.pop("name", None)
     for assignment in overrides:
         path, value = parse_set(assignment)
-        raw = apply_override(raw, path, value)
+        raw = upgrade_moved_keys(apply_override(raw, path, value), plugin_classes, "--set")
     for flag, names, value in (("--enable", enable, True), ("--disable", disable, False)):
         for plugin_name in names:
             if plugin_name not in plugin_classes:

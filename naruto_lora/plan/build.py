@@ -103,53 +103,16 @@ def build_vae(
     return vae
 
 
-class AdamW8bitStandIn(torch.optim.Optimizer):
-    """Holds what bitsandbytes' ``AdamW8bit`` holds, for the planner (bitsandbytes needs a GPU):
-    per parameter of 4096+ elements two uint8 moments and an fp32 scale per 256-element block
-    (smaller parameters keep fp32 moments), plus the two shared 256-entry code books."""
-
-    BLOCK, MIN_8BIT = 256, 4096
-
-    def __init__(self, params: list[torch.nn.Parameter], **defaults: Any) -> None:
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state.update(self._initial_state(p))
-                p.add_(p.grad, alpha=-group["lr"])  # stands in for the fused 8-bit kernel
-
-    def _initial_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        if p.numel() < self.MIN_8BIT:
-            return {"state1": torch.zeros_like(p), "state2": torch.zeros_like(p)}
-        blocks = -(-p.numel() // self.BLOCK)
-        state = {
-            "state1": torch.zeros_like(p, dtype=torch.uint8),
-            "state2": torch.zeros_like(p, dtype=torch.uint8),
-            "absmax1": torch.zeros(blocks, device=p.device),
-            "absmax2": torch.zeros(blocks, device=p.device),
-        }
-        if "qmap1" not in self.defaults:
-            self.defaults["qmap1"] = torch.zeros(256, device=p.device)
-            self.defaults["qmap2"] = torch.zeros(256, device=p.device)
-        return state
-
-
 def build_optimizer(
-    params: list[torch.nn.Parameter], profile: Profile, target: SimTarget
+    pm: Any, params: list[torch.nn.Parameter], profile: Profile, target: SimTarget
 ) -> torch.optim.Optimizer:
-    """``train.schedule.make_optimizer`` for the target device; the 8-bit one stood in for."""
+    """``train.schedule.make_optimizer`` for the target device (``planning`` on fake tensors:
+    an optimizer plugin that cannot build there stands in with the same state)."""
     from naruto_lora.train.schedule import make_optimizer
 
-    cfg = profile.train
-    if cfg.optimizer == "adamw8bit" and target.fake:
-        return AdamW8bitStandIn(params, lr=cfg.learning_rate)
-    return make_optimizer(params, cfg, torch.device(target.device_type))
+    return make_optimizer(
+        pm, params, profile, torch.device(target.device_type), planning=target.fake
+    )
 
 
 def host_resident(profile: Profile, plugin_name: str) -> bool:

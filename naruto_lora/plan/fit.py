@@ -22,6 +22,7 @@ How it decides:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import typing
 from collections.abc import Callable, Iterator
@@ -35,8 +36,11 @@ from naruto_lora.plan.planner import TIGHT_HEADROOM, Plan, allowance_bytes, plan
 from naruto_lora.plugins.manager import validate_profile
 from naruto_lora.util.errors import UserError
 
-CHECKPOINTING = "gradient_checkpointing"
-TILING = "vae_tiling"  # a plugin whose validation decode goes tile by tile
+# The memory options --fit searches are plugins that claim a role (``memory_role`` on the class);
+# the planner knows the roles, not the plugins' names.
+CHECKPOINTING_ROLE = "activation_checkpointing"  # recomputes activations in backward
+TILING_ROLE = "tiled_decode"  # the validation decode goes tile by tile (``config.tile_px``)
+EIGHT_BIT_ROLE = "optimizer_8bit"  # an optimizer with 8-bit moments
 MIN_RESOLUTION, RESOLUTION_STEP = 512, 128
 MIN_RANK = 4
 MAX_MICRO_BATCH = 8
@@ -73,18 +77,21 @@ class Candidate:
             "lora.rank": self.rank,
             "lora.alpha": float(self.rank * alpha_per_rank),
             "cache.text": self.text,
-            "train.optimizer": self.optimizer,
             "train.batch_size": self.batch_size,
             "train.gradient_accumulation_steps": self.accumulation,
         }
-        if CHECKPOINTING in base.plugins:
-            values[f"plugins.{CHECKPOINTING}.enabled"] = self.checkpointing
+        if role_plugin(CHECKPOINTING_ROLE) in base.plugins:
+            values[f"plugins.{role_plugin(CHECKPOINTING_ROLE)}.enabled"] = self.checkpointing
+        if role_plugin(EIGHT_BIT_ROLE) in base.plugins:
+            values[f"plugins.{role_plugin(EIGHT_BIT_ROLE)}.enabled"] = (
+                self.optimizer == role_plugin(EIGHT_BIT_ROLE)
+            )
         for name, device in self.plugin_devices:
             values[f"plugins.{name}.device"] = device
         if not self.validation:
             values["validation.every_steps"] = 0
         elif self.tiled_decode:
-            values[f"plugins.{TILING}.enabled"] = True
+            values[f"plugins.{role_plugin(TILING_ROLE)}.enabled"] = True
         return values
 
 
@@ -143,18 +150,24 @@ def candidates(profile: Profile) -> Iterator[Candidate]:
     ranks = [profile.lora.rank]
     while ranks[-1] // 2 >= MIN_RANK:
         ranks.append(ranks[-1] // 2)
-    checkpointing = [True, False] if CHECKPOINTING in profile.plugins else [_checkpointing(profile)]
+    checkpointing = (
+        [True, False]
+        if role_plugin(CHECKPOINTING_ROLE) in profile.plugins
+        else [_checkpointing(profile)]
+    )
     devices = [[(n, d) for d in ("same", "cpu")] for n in device_plugins(profile)]
     validation = [True, False] if profile.validation.every_steps > 0 else [False]
     tiled = _tiled(profile)
-    tilings = [tiled] if tiled or TILING not in profile.plugins else [False, True]
+    tilings = [tiled] if tiled or role_plugin(TILING_ROLE) not in profile.plugins else [False, True]
     for res, rank, ckpt, text, devs, opt, (batch, accum), val, tile in itertools.product(
         resolutions,
         ranks,
         checkpointing,
         ("memory", "disk"),
         itertools.product(*devices),
-        ("adamw", "adamw8bit"),
+        ("adamw", role_plugin(EIGHT_BIT_ROLE))
+        if role_plugin(EIGHT_BIT_ROLE) in profile.plugins
+        else ("adamw",),
         batch_splits(profile),
         validation,
         tilings,
@@ -164,14 +177,33 @@ def candidates(profile: Profile) -> Iterator[Candidate]:
         yield Candidate(res, rank, ckpt, text, tuple(devs), opt, batch, accum, val, tile)
 
 
-def _tiled(profile: Profile) -> bool:
-    settings = profile.plugins.get(TILING)
+@functools.cache
+def _roles() -> dict[str, str]:
+    from naruto_lora.plugins.manager import discover_plugins
+
+    return {
+        cls.memory_role: name
+        for name, cls in discover_plugins().items()
+        if isinstance(getattr(cls, "memory_role", None), str)
+    }
+
+
+def role_plugin(role: str) -> str:
+    """The installed plugin that claims a memory role ("" when none does)."""
+    return _roles().get(role, "")
+
+
+def _enabled(profile: Profile, plugin: str) -> bool:
+    settings = profile.plugins.get(plugin)
     return bool(settings and settings.enabled)
+
+
+def _tiled(profile: Profile) -> bool:
+    return _enabled(profile, role_plugin(TILING_ROLE))
 
 
 def _checkpointing(profile: Profile) -> bool:
-    settings = profile.plugins.get(CHECKPOINTING)
-    return bool(settings and settings.enabled)
+    return _enabled(profile, role_plugin(CHECKPOINTING_ROLE))
 
 
 # ------------------------------------------------------------------------------ the model
@@ -197,7 +229,7 @@ class MemoryModel:
 
     def lora_state(self, c: Candidate, training: bool) -> float:
         n = self.lora_params(c.rank)
-        optimizer = 8 * n if c.optimizer == "adamw" else 2 * n + 8 * n / 256
+        optimizer = 8 * n if c.optimizer != role_plugin(EIGHT_BIT_ROLE) else 2 * n + 8 * n / 256
         plugins = sum(
             per_param * n
             for name, per_param in self.plugin_bytes_per_param.items()
@@ -220,7 +252,7 @@ class MemoryModel:
             if c.tiled_decode and not _tiled(self.base):
                 # The decode's activations shrink to one tile's (the confirming planner run
                 # checks: the denoising step may then be the larger part).
-                tile_px = self.base.plugins[TILING].config.tile_px
+                tile_px = self.base.plugins[role_plugin(TILING_ROLE)].config.tile_px
                 activations *= min(1.0, (tile_px / c.resolution) ** 2)
             sample = self.lora_state(c, False) + activations
             peak = max(peak, resident + sample)
@@ -243,7 +275,9 @@ class MemoryModel:
         for name, device in c.plugin_devices:
             if device == "cpu" and name in self.plugin_bytes_per_param:
                 seconds += 4 * n / PCIE_BYTES_PER_S + n / CPU_ELEMENTS_PER_S
-        return seconds * (OPTIMIZER_8BIT_COST if c.optimizer == "adamw8bit" else 1.0)
+        return seconds * (
+            OPTIMIZER_8BIT_COST if c.optimizer == role_plugin(EIGHT_BIT_ROLE) else 1.0
+        )
 
 
 def current_candidate(profile: Profile) -> Candidate:
@@ -254,7 +288,7 @@ def current_candidate(profile: Profile) -> Candidate:
         _checkpointing(profile),
         profile.cache.text,
         devices,
-        profile.train.optimizer,
+        role_plugin(EIGHT_BIT_ROLE) if _enabled(profile, role_plugin(EIGHT_BIT_ROLE)) else "adamw",
         profile.train.batch_size,
         profile.train.gradient_accumulation_steps,
         profile.validation.every_steps > 0,
@@ -358,8 +392,10 @@ def measure(
     plans = {
         as_given: plan_profile(profile, model=model, sampling=False, on_phase=announce("as given"))
     }
-    if CHECKPOINTING in profile.plugins:
-        switched = profile_with(profile, {f"plugins.{CHECKPOINTING}.enabled": not as_given})
+    if role_plugin(CHECKPOINTING_ROLE) in profile.plugins:
+        switched = profile_with(
+            profile, {f"plugins.{role_plugin(CHECKPOINTING_ROLE)}.enabled": not as_given}
+        )
         plans[not as_given] = plan_profile(
             switched, model=model, sampling=False, on_phase=announce("checkpointing switched")
         )

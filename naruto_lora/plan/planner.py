@@ -33,6 +33,7 @@ from naruto_lora.config.profile import Profile
 from naruto_lora.plan.core import PLUGIN_PREFIX, PhasePeak, SimTarget
 from naruto_lora.plan.memtrack import GIB
 from naruto_lora.plan.models import ModelConfigs, load_model_configs
+from naruto_lora.plugins.manager import optimizer_name
 
 PLANNER_VERSION = 2  # 2: one steady-state traced step
 CUDA_CONTEXT_GIB = 0.5
@@ -142,7 +143,7 @@ def profile_settings(profile: Profile) -> dict[str, Any]:
         "rank": profile.lora.rank,
         "target_modules": list(profile.lora.target_modules),
         "mixed_precision": train.mixed_precision,
-        "optimizer": train.optimizer,
+        "optimizer": optimizer_name(profile),
         "cache_latents": profile.cache.latents,
         "cache_text": profile.cache.text,
         "validation_every_steps": profile.validation.every_steps,

@@ -174,7 +174,7 @@ def setup(
         conditioner.vae = vae
         conditioner.scaling_factor = float(configs.vae["scaling_factor"])
         conditioner.shift_factor = float(configs.vae.get("shift_factor") or 0.0)
-    optimizer = build_optimizer(params, profile, target)
+    optimizer = build_optimizer(pm, params, profile, target)
     state = TrainState(
         profile=profile,
         unet=unet,

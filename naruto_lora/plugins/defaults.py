@@ -3,9 +3,28 @@ plugin's answer wins."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from naruto_lora.plugins.hookspecs import hookimpl
+
+
+def adam_settings(train_cfg: Any) -> dict[str, Any]:
+    """The profile's Adam hyper-parameters, for any Adam-family optimizer plugin too."""
+    return dict(
+        lr=train_cfg.learning_rate,
+        betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+        weight_decay=train_cfg.adam_weight_decay,
+        eps=train_cfg.adam_epsilon,
+    )
+
+
+def adamw(
+    params: list[torch.nn.Parameter], train_cfg: Any, device: torch.device
+) -> torch.optim.Optimizer:
+    """The core's optimizer: AdamW, with the fused kernel on CUDA (one launch for all params)."""
+    return torch.optim.AdamW(params, fused=device.type == "cuda", **adam_settings(train_cfg))
 
 
 class CoreDefaults:
@@ -14,6 +33,14 @@ class CoreDefaults:
         return torch.randn(
             latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
         )
+
+    @hookimpl(trylast=True)
+    def nlora_build_optimizer(self, params, profile, device, planning) -> torch.optim.Optimizer:
+        return adamw(params, profile.train, device)
+
+    @hookimpl(trylast=True)
+    def nlora_wrap_model(self, model, profile) -> torch.nn.Module:
+        return model
 
     @hookimpl(trylast=True)
     def nlora_sample_timesteps(self, state, batch_size: int, device, generator) -> torch.Tensor:

@@ -36,6 +36,8 @@ LIFECYCLE = (
     "nlora_doctor_checks",
     "nlora_prepare_unet",
     "nlora_prepare_validation_vae",
+    "nlora_build_optimizer",
+    "nlora_wrap_model",
     "nlora_train_start",
     "nlora_load_checkpoint_state",
     "nlora_sample_noise",
@@ -69,6 +71,24 @@ def nlora_prepare_validation_vae(vae: Any, profile: Profile) -> None:
     """Everyone contributes: change how the VAE that decodes validation samples decodes, in
     place, once at setup (e.g. tiled decoding); the planner calls it too. Leave its encoding
     alone: with ``cache.latents = false`` training encodes with the same VAE."""
+
+
+@hookspec(firstresult=True)
+def nlora_build_optimizer(
+    params: list[torch.nn.Parameter], profile: Profile, device: torch.device, planning: bool
+) -> torch.optim.Optimizer:
+    """Exactly one answer: the optimizer over the trainable LoRA ``params`` (fp32), with the
+    profile's ``train.learning_rate`` and ``train.adam_*`` settings where they apply. Core
+    default: AdamW, the fused kernel on CUDA. ``planning`` is true when the VRAM planner builds
+    it on fake tensors: an optimizer that cannot be built there returns a stand-in that holds
+    the same state tensors."""
+
+
+@hookspec(firstresult=True)
+def nlora_wrap_model(model: torch.nn.Module, profile: Profile) -> torch.nn.Module:
+    """Exactly one answer: the module the training step calls, given the prepared model
+    (hooks and saving keep seeing the plain UNet, ``state.unet``). Core default: the model
+    itself; e.g. ``torch.compile`` of it."""
 
 
 @hookspec
@@ -126,7 +146,7 @@ def nlora_checkpoint_state(state: TrainState) -> dict[str, Any] | None:
 @hookspec
 def nlora_lora_weights_to_save(state: TrainState) -> dict[str, dict[str, torch.Tensor]] | None:
     """Everyone contributes: extra LoRA weight sets to write beside the trained ones, as
-    ``{subfolder: peft state dict}`` (e.g. ``{"ema": ...}``). The core always writes the trained
+    ``{subfolder: peft state dict}`` (e.g. the plugin's name as the subfolder). The core always writes the trained
     weights into the output folder itself; subfolders must be unique across plugins."""
 
 

@@ -1,4 +1,4 @@
-"""The plugin manager: built-in plugins, then the ``nlora`` entry-point group, then ``check_pending``.
+"""The plugin manager: plugins from the ``nlora`` entry-point group (ours and third parties'), then ``check_pending``.
 
 A plugin is a class with a ``name``, a frozen-dataclass ``Config`` filled from the profile's
 ``[plugins.NAME]`` table, and ``@hookimpl`` methods. The core never names a plugin: a disabled
@@ -8,8 +8,6 @@ plugin is simply not registered. A fresh manager is built for every run.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -25,7 +23,7 @@ if TYPE_CHECKING:
     from naruto_lora.config.profile import Profile
 
 ENTRY_POINT_GROUP = "nlora"
-BUILTIN_PACKAGE = "nlora_plugins"
+BUILTIN_PACKAGE = "nlora_plugins"  # our own plugins, declared in the same group
 
 
 @dataclass(frozen=True)
@@ -39,6 +37,16 @@ class Plugin:
     name: ClassVar[str] = ""
     Config: ClassVar[type] = NoConfig
     description: ClassVar[str] = ""
+    # False: switching the plugin on or off computes the same training (a speed switch), so
+    # --resume accepts the change.
+    changes_training: ClassVar[bool] = True
+    # Old profile keys this plugin replaces: {"section.key": fn(old value) -> plugin table or
+    # None}; the profile loader rewrites them with a deprecation message.
+    replaces: ClassVar[dict[str, Any]] = {}
+    # A memory option `nlora plan --fit` may switch ("activation_checkpointing",
+    # "optimizer_8bit", "tiled_decode"), and the out-of-memory advice for it.
+    memory_role: ClassVar[str] = ""
+    memory_advice: ClassVar[str] = ""
 
     def __init__(self, config: Any):
         self.config = config
@@ -54,20 +62,6 @@ def _check_plugin_class(obj: Any, origin: str) -> type:
     return obj
 
 
-def builtin_plugins() -> dict[str, type]:
-    package = importlib.import_module(BUILTIN_PACKAGE)
-    found: dict[str, type] = {}
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{BUILTIN_PACKAGE}.{info.name}")
-        cls = getattr(module, "PLUGIN", None)
-        if cls is not None:
-            cls = _check_plugin_class(cls, f"{BUILTIN_PACKAGE}.{info.name}")
-            found[cls.name] = cls
-    return found
-
-
 def entry_point_plugins() -> dict[str, tuple[type, str]]:
     found: dict[str, tuple[type, str]] = {}
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -80,21 +74,20 @@ def entry_point_plugins() -> dict[str, tuple[type, str]]:
                 hint="Reinstall or uninstall the package that provides it.",
             ) from exc
         cls = _check_plugin_class(obj, origin)
+        if cls.name in found and found[cls.name][0] is not cls:
+            raise UserError(
+                f"Plugin name '{cls.name}' from {origin} clashes with the plugin of "
+                f"{found[cls.name][1]}.",
+                hint="Rename or uninstall one of them.",
+            )
         found[cls.name] = (cls, origin)
     return found
 
 
 def discover_plugins() -> dict[str, type]:
-    """All installed plugins by name: built-ins first, then entry points (no shadowing)."""
-    plugins = builtin_plugins()
-    for name, (cls, origin) in entry_point_plugins().items():
-        if name in plugins and plugins[name] is not cls:
-            raise UserError(
-                f"Plugin name '{name}' from {origin} clashes with an existing plugin.",
-                hint="Rename the third-party plugin.",
-            )
-        plugins[name] = cls
-    return plugins
+    """All installed plugins by name, ours and third parties' alike: one discovery path, the
+    ``nlora`` entry-point group (ours are declared in naruto-lora's ``pyproject.toml``)."""
+    return {name: cls for name, (cls, _origin) in sorted(entry_point_plugins().items())}
 
 
 def load_profile(
@@ -154,6 +147,16 @@ def plugin_hooks(cls: type) -> list[str]:
             names.append(attr)
     order = {name: i for i, name in enumerate(hookspecs.LIFECYCLE)}
     return sorted(names, key=lambda n: order.get(n, len(order)))
+
+
+def optimizer_name(profile: Profile) -> str:
+    """The enabled plugin that builds the optimizer (``nlora_build_optimizer``), or "adamw", the
+    core's default."""
+    classes = discover_plugins()
+    for name in profile.enabled_plugins():
+        if name in classes and "nlora_build_optimizer" in plugin_hooks(classes[name]):
+            return name
+    return "adamw"
 
 
 REQUIRED = "(required)"  # shown for a parameter without a default

@@ -114,6 +114,19 @@ class NonFiniteGuard:
         self.total = int(saved["total"])
 
 
+def memory_plugin_advice(profile: Any) -> list[str]:
+    """``--enable NAME (what it saves)`` for each installed plugin that says it saves memory
+    (``memory_advice`` on its class) and is off in this profile."""
+    from naruto_lora.plugins.manager import discover_plugins
+
+    enabled = set(profile.enabled_plugins())
+    return [
+        f"--enable {name} ({cls.memory_advice})"
+        for name, cls in discover_plugins().items()
+        if getattr(cls, "memory_advice", None) and name not in enabled
+    ]
+
+
 def oom_advice(profile: Any, peak_gib: float, total_gib: float | None) -> tuple[str, str]:
     """(message, hint): the peak, then what would fit: the next smaller profile and the options
     that cut memory most."""
@@ -121,18 +134,13 @@ def oom_advice(profile: Any, peak_gib: float, total_gib: float | None) -> tuple[
     advice = []
     if smaller:
         advice.append(f"the '{smaller}' profile (--profile {smaller})")
-    if not profile.plugins.get("gradient_checkpointing") or not (
-        profile.plugins["gradient_checkpointing"].enabled
-    ):
-        advice.append("--enable gradient_checkpointing")
+    advice += memory_plugin_advice(profile)
     if profile.cache.text != "disk":
         advice.append("--set cache.text='disk' (text encoders leave the GPU)")
     if profile.data.resolution > 512:
         advice.append(f"a lower --set data.resolution (now {profile.data.resolution})")
     if profile.train.batch_size > 1:
         advice.append("--set train.batch_size=1 with a larger train.gradient_accumulation_steps")
-    if profile.train.optimizer != "adamw8bit":
-        advice.append("--set train.optimizer='adamw8bit'")
     of_total = f" of {total_gib:.1f} GiB" if total_gib else ""
     return (
         f"CUDA ran out of memory (peak allocated {peak_gib:.2f} GiB{of_total}, "

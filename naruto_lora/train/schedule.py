@@ -43,32 +43,14 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, train_cfg: Any, total_st
 
 
 def make_optimizer(
-    params: list[torch.nn.Parameter], train_cfg: Any, device: torch.device
+    pm: Any,
+    params: list[torch.nn.Parameter],
+    profile: Any,
+    device: torch.device,
+    planning: bool = False,
 ) -> torch.optim.Optimizer:
-    """AdamW (the fused kernel on CUDA), or bitsandbytes' 8-bit AdamW when the profile asks."""
-    kwargs = dict(
-        lr=train_cfg.learning_rate,
-        betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
-        weight_decay=train_cfg.adam_weight_decay,
-        eps=train_cfg.adam_epsilon,
+    """The optimizer the ``nlora_build_optimizer`` hook answers (core default:
+    ``plugins.defaults.adamw``)."""
+    return pm.hook.nlora_build_optimizer(
+        params=params, profile=profile, device=device, planning=planning
     )
-    if train_cfg.optimizer == "adamw8bit":
-        return _adamw8bit(params, device, kwargs)
-    fused = device.type == "cuda" and train_cfg.fused_optimizer
-    return torch.optim.AdamW(params, fused=fused, **kwargs)
-
-
-def _adamw8bit(params: list[torch.nn.Parameter], device: torch.device, kwargs: dict) -> Any:
-    if device.type != "cuda":
-        raise UserError(
-            f"train.optimizer = 'adamw8bit' needs a CUDA GPU, but this run is on {device.type}.",
-            hint="Set train.optimizer = 'adamw' (the LoRA's optimizer state is small anyway).",
-        )
-    try:
-        import bitsandbytes as bnb
-    except ImportError as exc:
-        raise UserError(
-            "train.optimizer = 'adamw8bit' needs bitsandbytes, which is not installed.",
-            hint="pip install 'naruto-lora[bnb]' (or bitsandbytes), or set train.optimizer = 'adamw'.",
-        ) from exc
-    return bnb.optim.AdamW8bit(params, **kwargs)

@@ -316,9 +316,8 @@ def setup_run(profile: Profile, options: TrainOptions, pm: Any = None) -> Run:
     validation = None  # samples are drawn by the main process only
     if accelerator.is_main_process:
         validation = make_validation(profile, conditioner, device, weight_dtype, pm)
-    optimizer = make_optimizer(params, profile.train, device)
+    optimizer = make_optimizer(pm, params, profile, device)
     lr_scheduler = make_lr_scheduler(optimizer, profile.train, total_steps)
-    apply_speed_options(unet, profile.train, device)
     model, optimizer = accelerator.prepare(unet, optimizer)
     if options.tensorboard:
         accelerator.init_trackers("nlora", config=_tracker_config(profile))
@@ -340,8 +339,9 @@ def setup_run(profile: Profile, options: TrainOptions, pm: Any = None) -> Run:
         pm=pm,
         accelerator=accelerator,
         state=state,
-        # Compiled after state.unet was unwrapped, so hooks and saving see the plain module.
-        model=torch.compile(model) if profile.train.compile else model,
+        # Wrapped (e.g. compiled) after state.unet was unwrapped: hooks and saving see the plain
+        # module.
+        model=pm.hook.nlora_wrap_model(model=model, profile=profile),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         dataset=dataset,
@@ -361,17 +361,6 @@ def setup_run(profile: Profile, options: TrainOptions, pm: Any = None) -> Run:
         resume_from=resume_from,
         resume_changes=resume_changes,
     )
-
-
-def apply_speed_options(unet: Any, train_cfg: Any, device: torch.device) -> None:
-    """The profile's speed switches that act on the UNet or the backend (``train.compile`` wraps
-    the prepared model in ``setup_run``; ``train.fused_optimizer`` is read by make_optimizer)."""
-    if device.type == "cuda":
-        # TF32 keeps fp32 range with a 10-bit mantissa: ~free speed on Ampere+ for fp32 parts.
-        torch.backends.cuda.matmul.allow_tf32 = train_cfg.allow_tf32
-        torch.backends.cudnn.allow_tf32 = train_cfg.allow_tf32
-    if train_cfg.channels_last:
-        unet.to(memory_format=torch.channels_last)
 
 
 def _tracker_config(profile: Profile) -> dict[str, Any]:
