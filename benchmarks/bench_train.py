@@ -166,7 +166,8 @@ def load_reference(profile: Any, device: torch.device) -> Reference:
     AdamW with the profile's settings (fused on CUDA, as ours)."""
     from diffusers import DDPMScheduler
 
-    from naruto_lora.models.loading import DTYPES, resolve_model
+    from naruto_lora.models.loading import resolve_model
+    from naruto_lora.util.devices import DTYPES
 
     folder = resolve_model(profile.model.pretrained)
     mixed = profile.train.mixed_precision if device.type == "cuda" else "no"
@@ -327,7 +328,7 @@ def reference_loss(
 def time_reference_loop(
     profile: Any, device_name: str, updates: int, warmup: int
 ) -> dict[str, Any]:
-    from naruto_lora.train.setup import resolve_device
+    from naruto_lora.util.devices import resolve_device
 
     device = resolve_device(device_name)
     torch.manual_seed(profile.train.seed)
@@ -399,7 +400,7 @@ def bench_one(
 ) -> list[dict[str, Any]]:
     """Both loops for one configuration, each in a fresh process (clean memory statistics)."""
     from naruto_lora.plugins.manager import load_profile
-    from naruto_lora.train.setup import resolve_device
+    from naruto_lora.util.devices import resolve_device
 
     profile = load_profile(profile_name, overrides=overrides)
     device = resolve_device(args.device)
@@ -626,7 +627,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from naruto_lora.train.setup import resolve_device
+    from naruto_lora.util.devices import resolve_device
     from naruto_lora.util.home import nlora_home
 
     args = parse_args(argv)

@@ -170,8 +170,8 @@ def missing_needs(case: Case, device: torch.device, args: argparse.Namespace) ->
         if need.startswith("sdpa:"):
             from nlora_plugins.sdpa import kernel_runs
 
-            from naruto_lora.models.loading import DTYPES
             from naruto_lora.plugins.manager import load_profile
+            from naruto_lora.util.devices import DTYPES
 
             kernel = need.split(":", 1)[1]
             precision = load_profile(case.profile).train.mixed_precision
@@ -270,7 +270,6 @@ def random_text_encoders(configs: Any, device: torch.device, dtype: torch.dtype)
 def build_run(profile: Any, configs: Any, device: torch.device, out_dir: Path) -> Any:
     """A ``train.run.Run`` as ``setup_run`` assembles it, from random weights on the device and
     without a data set (the batches come from ``device_batches``)."""
-    from naruto_lora.models.loading import DTYPES
     from naruto_lora.plan.models import noise_scheduler
     from naruto_lora.plugins.manager import build_plugin_manager
     from naruto_lora.plugins.state import TrainState
@@ -280,6 +279,7 @@ def build_run(profile: Any, configs: Any, device: torch.device, out_dir: Path) -
     from naruto_lora.train.run import Run, TrainOptions
     from naruto_lora.train.schedule import make_lr_scheduler, make_optimizer
     from naruto_lora.train.setup import make_accelerator, make_trainable
+    from naruto_lora.util.devices import DTYPES
 
     pm = build_plugin_manager(profile)
     options = TrainOptions(device=str(device))
@@ -469,7 +469,7 @@ def add_planner_figures(result: dict, prediction: dict, peak_tflops: float | Non
 
 def check(args: argparse.Namespace) -> dict[str, Any]:
     """Run every case within the time budget; the report as a dict."""
-    from naruto_lora.train.setup import resolve_device
+    from naruto_lora.util.devices import resolve_device
 
     started = time.perf_counter()
     device = torch.device("cpu") if args.cpu_smoke else resolve_device(args.device)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from naruto_lora.lora.inject import EMA_SUBFOLDER
+from naruto_lora.lora.inject import EMA_SUBFOLDER, trainable_parameters
 from naruto_lora.plugins.hookspecs import hookimpl
 from naruto_lora.plugins.manager import Plugin
 from naruto_lora.util.errors import UserError
@@ -45,10 +45,6 @@ def ema_decay(decay: float, num_updates: int, warmup: bool) -> float:
     if not warmup:
         return decay
     return min(decay, (1 + num_updates) / (10 + num_updates))
-
-
-def trainable_parameters(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in unet.named_parameters() if p.requires_grad}
 
 
 class EMA(Plugin):

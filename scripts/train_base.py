@@ -329,17 +329,10 @@ def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_captions(tokenizers, encoders, captions: list[str]):
-    """SDXL conditioning: both encoders' penultimate hidden states concatenated, and the second
-    encoder's projected pooled output (as ``StableDiffusionXLPipeline.encode_prompt``)."""
-    hidden, pooled = [], None
-    for tokenizer, encoder in zip(tokenizers, encoders, strict=False):
-        ids = tokenizer(
-            captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-        ).input_ids
-        out = encoder(ids, output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = out[0]
-    return torch.cat(hidden, dim=-1), pooled
+    """SDXL conditioning, as training computes it (``models.loading.encode_prompts``)."""
+    from naruto_lora.models.loading import TextEncoders, encode_prompts
+
+    return encode_prompts(TextEncoders(tuple(tokenizers), tuple(encoders)), captions, "cpu")
 
 
 def make_pipeline(vae, tokenizers, encoders, unet):

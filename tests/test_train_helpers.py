@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from naruto_lora.config.profile import write_resolved
+from naruto_lora.data.preprocess import time_ids as sdxl_time_ids
 from naruto_lora.plugins.manager import build_plugin_manager, load_profile
 from naruto_lora.train.guard import NonFiniteGuard, explain_out_of_memory, stop_on_signals
 from naruto_lora.train.metrics import MetricsLog, SmoothedValue, plot_loss, read_metrics
@@ -22,7 +23,6 @@ from naruto_lora.train.objective import (
     combine_loss_weights,
     per_sample_mse,
     prediction_target,
-    sdxl_time_ids,
     weighted_loss,
 )
 from naruto_lora.train.outputs import check_output_folder

@@ -31,6 +31,7 @@ from naruto_lora.data.sources import (
     preprocess,
     scan_source,
 )
+from naruto_lora.util.devices import resolve_device
 from naruto_lora.util.errors import UserError
 
 KIND = "latents"
@@ -67,23 +68,6 @@ def item_meta(meta: dict[str, Any]) -> ItemMeta:
 
 def latent_cache_dir(profile: Any) -> Path:
     return Path(profile.cache.dir).expanduser() / KIND
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> CUDA when present; a CUDA device on a machine without one is a user error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise UserError(
-            f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)."
-        ) from exc
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            f"--device {device}: this machine has no CUDA GPU.", hint="Use --device cpu."
-        )
-    return parsed
 
 
 def _vae_location(model_cfg: Any) -> tuple[str, str, str]:

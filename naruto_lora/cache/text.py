@@ -17,9 +17,9 @@ import torch
 
 from naruto_lora.cache import manifest
 from naruto_lora.cache.builder import BuildReport, Planned, ReadyCache, assess, sync_cache
-from naruto_lora.cache.latents import resolve_device
 from naruto_lora.cache.manifest import Index, fingerprint
 from naruto_lora.data.sources import Skipped, check_usable, scan_source
+from naruto_lora.util.devices import resolve_device
 from naruto_lora.util.errors import UserError
 
 KIND = "text"

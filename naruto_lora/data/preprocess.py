@@ -199,6 +199,9 @@ def preprocess(image: Any, plan: CropPlan) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous() / 127.5 - 1.0
 
 
+TIME_ID_FIELDS = ("orig_h", "orig_w", "crop_top", "crop_left", "target_h", "target_w")
+
+
 def time_ids(
     original_size: Iterable[int], crop_top_left: Iterable[int], target_size: Iterable[int]
 ) -> torch.Tensor:
@@ -206,6 +209,6 @@ def time_ids(
     target_h, target_w) as float32, the order of ``StableDiffusionXLPipeline._get_add_time_ids``.
     Training must feed each item's real values, not constants (SDXL paper, section 2.2)."""
     values = [*original_size, *crop_top_left, *target_size]
-    if len(values) != 6:
+    if len(values) != len(TIME_ID_FIELDS):
         raise ValueError(f"time ids need 2 + 2 + 2 values, got {values}")
     return torch.tensor(values, dtype=torch.float32)

@@ -248,24 +248,32 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("left", "center", "right")
 
 
+def paint_shape(
+    pen, shape: str, cx: float, cy: float, r: float, fill, ink: dict, base: float = 1.0
+):
+    """One shape with PIL's ``ImageDraw``: a circle or square of "radius" ``r`` around
+    (cx, cy), or a triangle with its apex ``r`` above the centre and its base ``base * r``
+    below; ``ink`` holds PIL's ``outline``/``width`` (empty: no outline). The one drawing
+    routine of the demo worlds (the tiny shapes here, the toy scenes in ``toy.draw``)."""
+    if shape == "circle":
+        pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill, **ink)
+    elif shape == "square":
+        pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill, **ink)
+    else:
+        pen.polygon(
+            [(cx, cy - r), (cx - r, cy + r * base), (cx + r, cy + r * base)], fill=fill, **ink
+        )
+
+
 def draw_scene(shape: str, colour: str, position: str, size: int = 64, background=(235, 235, 225)):
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (size, size), background)
-    draw = ImageDraw.Draw(image)
     r = size // 5
     cx = {"left": size // 4, "center": size // 2, "right": 3 * size // 4}[position]
-    cy = size // 2
-    box = (cx - r, cy - r, cx + r, cy + r)
-    fill = COLOURS[colour]
-    if shape == "circle":
-        draw.ellipse(box, fill=fill, outline=(0, 0, 0), width=2)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill, outline=(0, 0, 0), width=2)
-    else:
-        draw.polygon(
-            [(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill, outline=(0, 0, 0)
-        )
+    # PIL's polygon outline is 1 px wide unless told (the tiny set draws it so).
+    ink = {"outline": (0, 0, 0), "width": 2 if shape != "triangle" else 1}
+    paint_shape(ImageDraw.Draw(image), shape, cx, size // 2, r, COLOURS[colour], ink)
     return image
 
 

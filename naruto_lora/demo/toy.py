@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from naruto_lora.demo.tiny import paint_shape
 from naruto_lora.util.home import nlora_home
 
 TOY_BASE_ID = "nlora:toy-base"
@@ -145,17 +146,9 @@ def draw(
     ink = {}
     if look.get("outline") is not None and look.get("width", 0) > 0:
         ink = {"outline": tuple(look["outline"]), "width": max(1, round(big * look["width"]))}
-    fill = tuple(look["fill"])
-    if scene.shape == "circle":
-        pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill, **ink)
-    elif scene.shape == "square":
-        r *= 0.9  # a square of the same "radius" looks bigger than the circle
-        pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill, **ink)
-    else:
-        r *= 1.15  # and a triangle looks smaller
-        pen.polygon(
-            [(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill, **ink
-        )
+    # A square of the same "radius" looks bigger than the circle, a triangle smaller.
+    r *= {"circle": 1.0, "square": 0.9, "triangle": 1.15}[scene.shape]
+    paint_shape(pen, scene.shape, cx, cy, r, tuple(look["fill"]), ink, base=0.8)
     return image.resize((size, size), Image.Resampling.BOX)
 
 

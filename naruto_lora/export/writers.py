@@ -444,7 +444,7 @@ def export_lora(
     verify it. ``run_profile`` is the training run's resolved profile (None for a loose file):
     metadata the weights file lacks is taken from it, never from an unrelated profile."""
     from naruto_lora.lora.weights import PEFT_CONFIG_NAME, read_lora, weightless_unet
-    from naruto_lora.models.loading import DTYPES
+    from naruto_lora.util.devices import DTYPES
 
     target = target_path(fmt, out, lora_file)
     if dtype_name not in EXPORT_DTYPES:

@@ -66,6 +66,11 @@ def inject_lora(unet: torch.nn.Module, lora_cfg: Any) -> list[torch.nn.Parameter
     return params
 
 
+def trainable_parameters(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters that train (the LoRA's after ``inject_lora``), by their module names."""
+    return {name: p for name, p in unet.named_parameters() if p.requires_grad}
+
+
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's weights with diffusers' ``unet.`` prefix, detached, on the CPU."""
     from peft import get_peft_model_state_dict

@@ -16,8 +16,6 @@ import torch
 from naruto_lora.models import registry
 from naruto_lora.util.errors import UserError
 
-DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 def resolve_model(model_id: str) -> str:
     """A local folder path or a hub id; an ``nlora:`` id is looked up in ``models.registry``

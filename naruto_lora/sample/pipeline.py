@@ -85,16 +85,10 @@ class Sampler:
 
 def pick_device_dtype(dtype_name: str) -> tuple[torch.device, torch.dtype]:
     """CUDA in fp16 when there is a GPU, else the CPU in fp32; ``dtype_name`` overrides."""
-    import torch
+    from naruto_lora.util.devices import resolve_device, resolve_dtype
 
-    from naruto_lora.models.loading import DTYPES
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype_name == "auto":
-        return device, torch.float16 if device.type == "cuda" else torch.float32
-    if dtype_name not in DTYPES:
-        raise UserError(f"Unknown --dtype '{dtype_name}'.", hint="Choose auto, fp16, bf16 or fp32.")
-    return device, DTYPES[dtype_name]
+    device = resolve_device("auto")
+    return device, resolve_dtype(dtype_name, device)
 
 
 def load_pipeline(model_cfg: Any, dtype: torch.dtype, profile: Any | None = None):

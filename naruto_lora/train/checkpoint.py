@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from naruto_lora.lora.inject import adapter_metadata
+from naruto_lora.lora.inject import adapter_metadata, trainable_parameters
 from naruto_lora.train.distributed import gather_objects
 from naruto_lora.train.outputs import (
     CHECKPOINTS,
@@ -237,7 +237,10 @@ def _write_checkpoint(run: Any, path: Path, rng_by_rank: list[dict[str, Any]]) -
         write_lora_weights(
             tmp, weights, adapter_metadata(run.state.unet), weights_metadata(run.profile, step)
         )
-        params = {n: p.detach().cpu().contiguous() for n, p in _trainable(run.state.unet).items()}
+        params = {
+            n: p.detach().cpu().contiguous()
+            for n, p in trainable_parameters(run.state.unet).items()
+        }
         save_safetensors(tmp / PARAMS_NAME, params)
         torch_save(_training_state(run, rng_by_rank), tmp / STATE_NAME)
         torch_save(plugin_state, tmp / PLUGINS_NAME)
@@ -248,10 +251,6 @@ def _write_checkpoint(run: Any, path: Path, rng_by_rank: list[dict[str, Any]]) -
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
     for _, old in list_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _trainable(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in unet.named_parameters() if p.requires_grad}
 
 
 def check_checkpoint(path: Path, profile: Any, num_processes: int | None = None) -> None:
@@ -283,7 +282,7 @@ def _load_parameters(run: Any, path: Path) -> None:
     from safetensors.torch import load_file
 
     saved = load_file(str(path / PARAMS_NAME))
-    params = _trainable(run.state.unet)
+    params = trainable_parameters(run.state.unet)
     if set(saved) != set(params):
         raise UserError(f"Checkpoint '{path}' holds other LoRA parameters than this run trains.")
     with torch.no_grad():

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from naruto_lora.lora.inject import EMA_SUBFOLDER, adapter_metadata
+from naruto_lora.lora.inject import EMA_SUBFOLDER, adapter_metadata, trainable_parameters
 from naruto_lora.train.card import RunSummary, write_model_card
 from naruto_lora.train.checkpoint import save_checkpoint
 from naruto_lora.train.guard import check_final_weights, check_ran_to_the_end
@@ -110,7 +110,7 @@ def finish(run: Any) -> TrainResult:
 
 def _trained_weights(run: Any) -> dict[str, dict[str, Any]]:
     """The trainable LoRA parameters, as one state dict (checked before anything is written)."""
-    return {"": {n: p for n, p in run.state.unet.named_parameters() if p.requires_grad}}
+    return {"": trainable_parameters(run.state.unet)}
 
 
 def _summary(run: Any, weights: dict[str, Any]) -> RunSummary:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from naruto_lora.data.preprocess import TIME_ID_FIELDS
 from naruto_lora.util.errors import UserError
-
-TIME_ID_FIELDS = ("orig_h", "orig_w", "crop_top", "crop_left", "target_h", "target_w")
 
 
 def prediction_target(
@@ -83,17 +82,6 @@ def weighted_loss(per_sample: torch.Tensor, weights: torch.Tensor | None) -> tor
     if weights is None:
         return per_sample.mean()
     return (per_sample * weights.to(per_sample.device)).mean()
-
-
-def sdxl_time_ids(
-    original_size: Sequence[int], crop_top_left: Sequence[int], target_size: Sequence[int]
-) -> torch.Tensor:
-    """SDXL's size-and-crop conditioning for one image, in the order the SDXL pipeline builds it:
-    (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
-    values = [*original_size, *crop_top_left, *target_size]
-    if len(values) != len(TIME_ID_FIELDS):
-        raise ValueError(f"time ids need 2 + 2 + 2 numbers, got {values}")
-    return torch.tensor(values, dtype=torch.float32)
 
 
 def batch_time_ids(

@@ -15,7 +15,6 @@ import torch
 from naruto_lora.config.profile import Profile, write_resolved
 from naruto_lora.lora.inject import inject_lora
 from naruto_lora.models.loading import (
-    DTYPES,
     latent_scale,
     load_noise_scheduler,
     load_text_encoders,
@@ -39,26 +38,8 @@ from naruto_lora.train.run import Run, TrainOptions
 from naruto_lora.train.schedule import make_lr_scheduler, make_optimizer, plan_total_steps
 from naruto_lora.train.validation import Validation, encode_validation_prompts
 from naruto_lora.util.console import console
+from naruto_lora.util.devices import DTYPES, resolve_device
 from naruto_lora.util.errors import UserError
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UserError(
-            f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N."
-        ) from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            f"--device {name} but this torch sees no CUDA GPU.",
-            hint="Use --device cpu, or install a CUDA build of torch.",
-        )
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: training supports cpu and cuda devices.")
-    return device
 
 
 def precision_for(profile: Profile, device: torch.device) -> tuple[str, torch.dtype]:
@@ -287,7 +268,7 @@ def setup_run(profile: Profile, options: TrainOptions, pm: Any = None) -> Run:
     from naruto_lora.plugins.manager import build_plugin_manager
 
     pm = pm if pm is not None else build_plugin_manager(profile)
-    device = resolve_device(options.device)
+    device = resolve_device(options.device, supported=("cpu", "cuda"))
     accelerator = make_accelerator(profile, device, options)
     device = accelerator.device
     output_dir, starting_over, resume_from, resume_changes = check_inputs(

@@ -1,4 +1,5 @@
-"""Validation samples: the profile's prompts, a fixed seed, one grid per step in ``samples/``.
+"""Validation samples: the profile's prompts, a fixed seed, one labelled grid per step in
+``samples/`` (the grid maker ``nlora sample`` uses).
 
 The prompts are encoded once at setup, so a run with the text cache on disk needs the text
 encoders only for that moment (on the CPU), not for the whole run. Sampling runs inside
@@ -9,7 +10,6 @@ resume relies on that).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from naruto_lora.models.loading import TextEncoders, encode_prompts, load_text_encoders
+from naruto_lora.sample.grid import make_grid
 
 
 @dataclass
@@ -45,19 +46,6 @@ def encode_validation_prompts(
         embeds, pooled = encode_prompts(encoders, prompts, "cpu")
         del encoders
     return embeds.float().cpu(), pooled.float().cpu()
-
-
-def sample_grid(images: list[Any], columns: int | None = None) -> Any:
-    """Paste equally sized PIL images into one grid, left to right, top to bottom."""
-    from PIL import Image
-
-    columns = columns or min(len(images), 4)
-    rows = math.ceil(len(images) / columns)
-    width, height = images[0].size
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid
 
 
 def _pipeline(validation: Validation, unet: Any, noise_scheduler: Any) -> Any:
@@ -136,8 +124,14 @@ def write_samples(run: Any, step: int) -> Path:
             state.weight_dtype,
             run.autocast,
         )
+        grid = make_grid(
+            [[image] for image in images],
+            column_labels=[f"seed {run.validation.seed}"],
+            row_labels=list(run.validation.prompts),
+            title=f"{run.profile.name}: validation samples after step {step}",
+        )
         with atomic_path(path) as tmp:
-            sample_grid(images).save(tmp, format="png")
+            grid.image.save(tmp, format="png")
         return path
 
     devices = [state_device_index(run.state.device)] if run.state.device.type == "cuda" else []
