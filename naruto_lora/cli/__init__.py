@@ -9,10 +9,13 @@ import click
 
 from naruto_lora import __version__
 from naruto_lora.cli import cache, demo, doctor, export, plan, plugins_cmd, profiles, sample, train
-from naruto_lora.cli.common import run_guarded
+from naruto_lora.cli.common import NloraGroup, run_guarded
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=NloraGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="nlora")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks for errors too.")
 @click.pass_context
@@ -34,8 +37,18 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-for module in (doctor, cache, train, sample, export, demo, profiles, plugins_cmd, plan):
-    module.register(cli)
+for command in (
+    doctor.doctor,
+    cache.cache,
+    train.train_cmd,
+    sample.sample_cmd,
+    export.export_cmd,
+    demo.demo,
+    profiles.profiles,
+    plugins_cmd.plugins,
+    plan.plan,
+):
+    cli.add_command(command)
 
 
 def _quiet_libraries(argv: list[str] | None) -> None:

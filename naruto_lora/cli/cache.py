@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from naruto_lora.cli.common import GuardedCommand, load_profile_from_options, profile_options
+from naruto_lora.cli.common import load_profile_from_options, profile_options
 
 
 def _human_bytes(n: float) -> str:
@@ -99,88 +99,90 @@ def _print_report(report: Any, label: str) -> None:
             console.print(f"  ... and {len(report.skipped) - 10} more")
 
 
-def register(cli: click.Group) -> None:
-    @cli.group("cache")
-    def cache() -> None:
-        """Pre-encode the data set once: VAE latents and CLIP text embeddings."""
+@click.group("cache")
+def cache() -> None:
+    """Pre-encode the data set once: VAE latents and CLIP text embeddings."""
 
-    @cache.command("latents", cls=GuardedCommand)
-    @profile_options
-    @build_options(default_batch=8)
-    def latents(device: str, batch_size: int, strict: bool, **kwargs: Any) -> None:
-        """Encode every image through the profile's VAE into the latent cache.
 
-        Re-running reuses what is valid, encodes what is new or changed, removes what no longer
-        belongs, and resumes an interrupted run. Bad images are skipped and listed.
-        """
-        from naruto_lora.cache import ensure_latent_cache
-        from naruto_lora.util.console import console
+@cache.command("latents")
+@profile_options
+@build_options(default_batch=8)
+def latents(device: str, batch_size: int, strict: bool, **kwargs: Any) -> None:
+    """Encode every image through the profile's VAE into the latent cache.
 
-        profile = _profile(kwargs)
-        if not profile.cache.latents:
-            console.print(
-                "[yellow]note:[/] this profile has cache.latents = false: training "
-                "encodes images on the fly and will not read this cache."
+    Re-running reuses what is valid, encodes what is new or changed, removes what no longer
+    belongs, and resumes an interrupted run. Bad images are skipped and listed.
+    """
+    from naruto_lora.cache import ensure_latent_cache
+    from naruto_lora.util.console import console
+
+    profile = _profile(kwargs)
+    if not profile.cache.latents:
+        console.print(
+            "[yellow]note:[/] this profile has cache.latents = false: training "
+            "encodes images on the fly and will not read this cache."
+        )
+    result = ensure_latent_cache(profile, device=device, batch_size=batch_size, strict=strict)
+    _print_report(result.report, f"Latent cache ({len(result)} entries)")
+
+
+@cache.command("text")
+@profile_options
+@build_options(default_batch=16)
+@click.option(
+    "--to-disk",
+    is_flag=True,
+    help="Build the cache. Without it: only say what would be cached, and how big.",
+)
+def text(device: str, batch_size: int, strict: bool, to_disk: bool, **kwargs: Any) -> None:
+    """Encode every distinct caption with both CLIP encoders into the text cache."""
+    from naruto_lora.cache import ensure_text_cache
+    from naruto_lora.util.console import console
+
+    profile = _profile(kwargs)
+    if profile.cache.text != "disk":
+        console.print(
+            "[yellow]note:[/] this profile has cache.text = 'memory': training "
+            "encodes captions on the fly; add --set cache.text=disk to train from "
+            "this cache without loading the text encoders."
+        )
+    if not to_disk:
+        _describe_text(profile)
+        return
+    result = ensure_text_cache(profile, device=device, batch_size=batch_size, strict=strict)
+    _print_report(result.report, f"Text cache ({len(result)} captions)")
+
+
+@cache.command("info")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option(
+    "--item", "item", type=int, default=None, help="Show item N (0-based, training order)."
+)
+@click.option(
+    "--dump",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="With --item: write its tensors and metadata to this .safetensors file.",
+)
+def info(folder: Path, item: int | None, dump: Path | None) -> None:
+    """Show what the cache FOLDER holds (cache.dir, or its latents/ or text/ subfolder)."""
+    from naruto_lora.cache.info import find_caches, summarize
+    from naruto_lora.util.errors import UserError
+
+    folders = find_caches(folder)
+    if dump is not None and item is None:
+        raise UserError("--dump needs --item N: which item to write.")
+    if item is not None:
+        if len(folders) > 1:
+            raise UserError(
+                f"'{folder}' holds several caches; give one: "
+                + ", ".join(str(f) for f in folders)
+                + "."
             )
-        result = ensure_latent_cache(profile, device=device, batch_size=batch_size, strict=strict)
-        _print_report(result.report, f"Latent cache ({len(result)} entries)")
-
-    @cache.command("text", cls=GuardedCommand)
-    @profile_options
-    @build_options(default_batch=16)
-    @click.option(
-        "--to-disk",
-        is_flag=True,
-        help="Build the cache. Without it: only say what would be cached, and how big.",
-    )
-    def text(device: str, batch_size: int, strict: bool, to_disk: bool, **kwargs: Any) -> None:
-        """Encode every distinct caption with both CLIP encoders into the text cache."""
-        from naruto_lora.cache import ensure_text_cache
-        from naruto_lora.util.console import console
-
-        profile = _profile(kwargs)
-        if profile.cache.text != "disk":
-            console.print(
-                "[yellow]note:[/] this profile has cache.text = 'memory': training "
-                "encodes captions on the fly; add --set cache.text=disk to train from "
-                "this cache without loading the text encoders."
-            )
-        if not to_disk:
-            _describe_text(profile)
-            return
-        result = ensure_text_cache(profile, device=device, batch_size=batch_size, strict=strict)
-        _print_report(result.report, f"Text cache ({len(result)} captions)")
-
-    @cache.command("info", cls=GuardedCommand)
-    @click.argument("folder", type=click.Path(path_type=Path))
-    @click.option(
-        "--item", "item", type=int, default=None, help="Show item N (0-based, training order)."
-    )
-    @click.option(
-        "--dump",
-        type=click.Path(path_type=Path),
-        default=None,
-        help="With --item: write its tensors and metadata to this .safetensors file.",
-    )
-    def info(folder: Path, item: int | None, dump: Path | None) -> None:
-        """Show what the cache FOLDER holds (cache.dir, or its latents/ or text/ subfolder)."""
-        from naruto_lora.cache.info import find_caches, summarize
-        from naruto_lora.util.errors import UserError
-
-        folders = find_caches(folder)
-        if dump is not None and item is None:
-            raise UserError("--dump needs --item N: which item to write.")
-        if item is not None:
-            if len(folders) > 1:
-                raise UserError(
-                    f"'{folder}' holds several caches; give one: "
-                    + ", ".join(str(f) for f in folders)
-                    + "."
-                )
-            _show_item(folders[0], item, dump)
-            return
-        for f in folders:
-            _print_summary(summarize(f))
+        _show_item(folders[0], item, dump)
+        return
+    for f in folders:
+        _print_summary(summarize(f))
 
 
 def _describe_text(profile: Any) -> None:

@@ -26,8 +26,24 @@ def print_user_error(exc: UserError) -> None:
     err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
 
 
+def user_error_exit(exc: Exception, debug: bool) -> int | None:
+    """The one place an error becomes a message: a ``UserError``, or a fault of the machine or
+    the input files (a full disk, a read-only folder, an unsafe pickle), is printed as one
+    paragraph (after the traceback with ``--debug``) and gives its exit code; anything else is
+    a bug and gives ``None`` (the caller re-raises)."""
+    from naruto_lora.util.console import err_console
+
+    user_error = as_user_error(exc)
+    if user_error is None:
+        return None
+    if debug:
+        err_console.print_exception()
+    print_user_error(user_error)
+    return user_error.exit_code
+
+
 def run_guarded(cli: click.Group, argv: list[str] | None = None) -> int:
-    """Run the CLI; a UserError becomes a one-paragraph message and a non-zero exit code."""
+    """Run the CLI as ``nlora``: click's own exits and aborts, and ``user_error_exit``."""
     from naruto_lora.util.console import err_console
 
     try:
@@ -41,33 +57,30 @@ def run_guarded(cli: click.Group, argv: list[str] | None = None) -> int:
         exc.show()
         return exc.exit_code
     except Exception as exc:
-        # A full disk, a read-only folder, an unsafe pickle: faults of the machine or the input
-        # files, not bugs, so a message instead of a traceback. Anything else is re-raised.
-        user_error = as_user_error(exc)
-        if user_error is None:
+        code = user_error_exit(exc, _debug_requested(argv))
+        if code is None:
             raise
-        if _debug_requested(argv):
-            err_console.print_exception()
-        print_user_error(user_error)
-        return user_error.exit_code
+        return code
     # With standalone_mode=False click returns ctx.exit()'s code instead of raising.
     return result if isinstance(result, int) else 0
 
 
-class GuardedCommand(click.Command):
-    """Lets CliRunner see UserErrors as clean exits too (tests invoke commands directly)."""
+class NloraGroup(click.Group):
+    """The root ``nlora`` group: errors of every subcommand go through ``user_error_exit`` here,
+    so click's CliRunner (the tests) sees the same messages and exit codes as ``nlora``."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except click.exceptions.Exit:
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:
-            user_error = as_user_error(exc)
-            if user_error is None or (ctx.find_root().obj or {}).get("debug"):
+            if (ctx.obj or {}).get("debug"):
+                raise  # run_guarded prints the traceback, then the message
+            code = user_error_exit(exc, debug=False)
+            if code is None:
                 raise
-            print_user_error(user_error)
-            ctx.exit(user_error.exit_code)
+            ctx.exit(code)
 
 
 def profile_options(func: Callable) -> Callable:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.markup import escape
 
-from naruto_lora.cli.common import GuardedCommand, load_profile_from_options, profile_options
+from naruto_lora.cli.common import load_profile_from_options, profile_options
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -41,44 +41,43 @@ def doctor_profile_options(func: Callable) -> Callable:
     return func
 
 
-def register(cli: click.Group) -> None:
-    @cli.command("doctor", cls=GuardedCommand)
-    @doctor_profile_options
-    @click.option(
-        "--json",
-        "as_json",
-        is_flag=True,
-        help="Print one JSON document on stdout instead of tables.",
-    )
-    @click.option(
-        "--quick",
-        is_flag=True,
-        help="With --profile on a GPU machine: use the quick table estimate of the VRAM need "
-        "instead of the planner's prediction (which takes 30-60 s the first time).",
-    )
-    @click.pass_context
-    def doctor(ctx: click.Context, as_json: bool, quick: bool, **kwargs: Any) -> None:
-        """Check this machine (Python, torch, CUDA, GPUs, RAM, disk, packages, model and data
-        availability, hub access) and recommend a profile for its largest GPU."""
-        from naruto_lora.doctor.checks import diagnose, gather_facts
-        from naruto_lora.util.console import err_console
+@click.command("doctor")
+@doctor_profile_options
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON document on stdout instead of tables.",
+)
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="With --profile on a GPU machine: use the quick table estimate of the VRAM need "
+    "instead of the planner's prediction (which takes 30-60 s the first time).",
+)
+@click.pass_context
+def doctor(ctx: click.Context, as_json: bool, quick: bool, **kwargs: Any) -> None:
+    """Check this machine (Python, torch, CUDA, GPUs, RAM, disk, packages, model and data
+    availability, hub access) and recommend a profile for its largest GPU."""
+    from naruto_lora.doctor.checks import diagnose, gather_facts
+    from naruto_lora.util.console import err_console
 
-        explicit = kwargs["profile_name"] is not None
-        if not explicit:
-            kwargs["profile_name"] = DEFAULT_PROFILE
-        profile = load_profile_from_options(kwargs)
-        report = diagnose(
-            profile, gather_facts(profile), explicit=explicit, use_planner=explicit and not quick
-        )
-        if as_json:
-            click.echo(json.dumps(report.to_dict(), indent=2))
-        else:
-            render(report)
-        if explicit and not report.can_run:
-            err_console.print(f"[bold red]Profile '{escape(report.profile)}' cannot run here:[/]")
-            for row in report.failures:
-                err_console.print(f"  {row.check}: {row.detail}", markup=False, soft_wrap=True)
-            ctx.exit(1)
+    explicit = kwargs["profile_name"] is not None
+    if not explicit:
+        kwargs["profile_name"] = DEFAULT_PROFILE
+    profile = load_profile_from_options(kwargs)
+    report = diagnose(
+        profile, gather_facts(profile), explicit=explicit, use_planner=explicit and not quick
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        render(report)
+    if explicit and not report.can_run:
+        err_console.print(f"[bold red]Profile '{escape(report.profile)}' cannot run here:[/]")
+        for row in report.failures:
+            err_console.print(f"  {row.check}: {row.detail}", markup=False, soft_wrap=True)
+        ctx.exit(1)
 
 
 # --------------------------------------------------------------------------- tables

@@ -8,8 +8,9 @@ from typing import Any
 
 import click
 
-from naruto_lora.cli.common import GuardedCommand, profile_options
+from naruto_lora.cli.common import profile_options
 from naruto_lora.cli.lora_source import lora_options, resolve_lora_source
+from naruto_lora.export.writers import EXPORT_DTYPES, FORMATS
 
 
 def _report(result: Any) -> None:
@@ -42,77 +43,74 @@ def _report(result: Any) -> None:
     console.print(table)
 
 
-def register(cli: click.Group) -> None:
-    from naruto_lora.export.writers import EXPORT_DTYPES, FORMATS
+@click.command("export")
+@lora_options
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="kohya",
+    show_default=True,
+    help="kohya: one .safetensors for ComfyUI / A1111 / Forge / diffusers; diffusers: "
+    "the training layout; peft: adapter folder; merged: a full pipeline folder.",
+)
+@click.option(
+    "--out",
+    required=True,
+    metavar="PATH",
+    help="A .safetensors file (kohya, diffusers) or a folder.",
+)
+@click.option(
+    "--scale",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="LoRA strength fused in (--format merged).",
+)
+@click.option(
+    "--dtype",
+    "dtype_name",
+    type=click.Choice(list(EXPORT_DTYPES)),
+    default="fp16",
+    show_default=True,
+    help="Precision of the written weights.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace what is at --out (a file, or an earlier export folder of this format).",
+)
+@profile_options
+@click.pass_context
+def export_cmd(
+    ctx: click.Context,
+    fmt: str,
+    out: str,
+    scale: float,
+    dtype_name: str,
+    overwrite: bool,
+    **kwargs: Any,
+) -> None:
+    """Write the trained LoRA in another format and verify it loads.
 
-    @cli.command("export", cls=GuardedCommand)
-    @lora_options
-    @click.option(
-        "--format",
-        "fmt",
-        type=click.Choice(FORMATS),
-        default="kohya",
-        show_default=True,
-        help="kohya: one .safetensors for ComfyUI / A1111 / Forge / diffusers; diffusers: "
-        "the training layout; peft: adapter folder; merged: a full pipeline folder.",
-    )
-    @click.option(
-        "--out",
-        required=True,
-        metavar="PATH",
-        help="A .safetensors file (kohya, diffusers) or a folder.",
-    )
-    @click.option(
-        "--scale",
-        type=float,
-        default=1.0,
-        show_default=True,
-        help="LoRA strength fused in (--format merged).",
-    )
-    @click.option(
-        "--dtype",
-        "dtype_name",
-        type=click.Choice(list(EXPORT_DTYPES)),
-        default="fp16",
-        show_default=True,
-        help="Precision of the written weights.",
-    )
-    @click.option(
-        "--overwrite",
-        is_flag=True,
-        help="Replace what is at --out (a file, or an earlier export folder of this format).",
-    )
-    @profile_options
-    @click.pass_context
-    def export_cmd(
-        ctx: click.Context,
-        fmt: str,
-        out: str,
-        scale: float,
-        dtype_name: str,
-        overwrite: bool,
-        **kwargs: Any,
-    ) -> None:
-        """Write the trained LoRA in another format and verify it loads.
+    \b
+    nlora export --lora output/naruto --out naruto.safetensors            (ComfyUI, A1111)
+    nlora export --lora output/naruto --ema --format diffusers --out naruto-diffusers
+    nlora export --lora output/naruto --format merged --scale 0.8 --out naruto-sdxl
+    """
+    from naruto_lora.cli.sample import quiet_loading
+    from naruto_lora.export.writers import export_lora
 
-        \b
-        nlora export --lora output/naruto --out naruto.safetensors            (ComfyUI, A1111)
-        nlora export --lora output/naruto --ema --format diffusers --out naruto-diffusers
-        nlora export --lora output/naruto --format merged --scale 0.8 --out naruto-sdxl
-        """
-        from naruto_lora.cli.sample import quiet_loading
-        from naruto_lora.export.writers import export_lora
-
-        lora_file, profile, run_profile = resolve_lora_source(ctx, kwargs)
-        quiet_loading()
-        result = export_lora(
-            lora_file=lora_file,
-            fmt=fmt,
-            out=Path(out),
-            model_cfg=profile.model,
-            run_profile=run_profile,
-            scale=scale,
-            dtype_name=dtype_name,
-            overwrite=overwrite,
-        )
-        _report(result)
+    lora_file, profile, run_profile = resolve_lora_source(ctx, kwargs)
+    quiet_loading()
+    result = export_lora(
+        lora_file=lora_file,
+        fmt=fmt,
+        out=Path(out),
+        model_cfg=profile.model,
+        run_profile=run_profile,
+        scale=scale,
+        dtype_name=dtype_name,
+        overwrite=overwrite,
+    )
+    _report(result)

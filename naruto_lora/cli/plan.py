@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from naruto_lora.cli.common import GuardedCommand, load_profile_from_options, profile_options
+from naruto_lora.cli.common import load_profile_from_options, profile_options
 
 if TYPE_CHECKING:
     from naruto_lora.plan.fit import FitResult
@@ -18,79 +18,76 @@ if TYPE_CHECKING:
 PHASES = ("building the models", "training step", "validation sample")
 
 
-def register(cli: click.Group) -> None:
-    @cli.command("plan", cls=GuardedCommand)
-    @profile_options
-    @click.option(
-        "--vram",
-        type=float,
-        default=None,
-        metavar="GB",
-        help="Check against a card of this size as sold (e.g. 12); default: this "
-        "machine's largest GPU, if any.",
-    )
-    @click.option(
-        "--fit",
-        "fit_gb",
-        type=float,
-        default=None,
-        metavar="GB",
-        help="Find the fastest configuration of the profile predicted to fit a card "
-        "of this size (takes a few planner runs, ~2-3 min on 2 cores).",
-    )
-    @click.option(
-        "--save",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=None,
-        help="With --fit: also write the configuration found as a profile file.",
-    )
-    @click.option(
-        "--no-sample", is_flag=True, help="Skip the predictions for nlora sample (faster)."
-    )
-    @click.option("--no-cache", is_flag=True, help="Plan afresh even if this was planned before.")
-    @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead.")
-    def plan(
-        vram: float | None,
-        fit_gb: float | None,
-        save: Path | None,
-        no_sample: bool,
-        no_cache: bool,
-        as_json: bool,
-        **kwargs: Any,
-    ) -> None:
-        """PREDICT the peak GPU memory of a profile's training on the full-size model.
+@click.command("plan")
+@profile_options
+@click.option(
+    "--vram",
+    type=float,
+    default=None,
+    metavar="GB",
+    help="Check against a card of this size as sold (e.g. 12); default: this "
+    "machine's largest GPU, if any.",
+)
+@click.option(
+    "--fit",
+    "fit_gb",
+    type=float,
+    default=None,
+    metavar="GB",
+    help="Find the fastest configuration of the profile predicted to fit a card "
+    "of this size (takes a few planner runs, ~2-3 min on 2 cores).",
+)
+@click.option(
+    "--save",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --fit: also write the configuration found as a profile file.",
+)
+@click.option("--no-sample", is_flag=True, help="Skip the predictions for nlora sample (faster).")
+@click.option("--no-cache", is_flag=True, help="Plan afresh even if this was planned before.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead.")
+def plan(
+    vram: float | None,
+    fit_gb: float | None,
+    save: Path | None,
+    no_sample: bool,
+    no_cache: bool,
+    as_json: bool,
+    **kwargs: Any,
+) -> None:
+    """PREDICT the peak GPU memory of a profile's training on the full-size model.
 
-        Runs a real training step and a validation sample of the profile on fake tensors
-        (shapes, no data) and counts every allocation; prints the peak split into weights,
-        LoRA and optimizer state, plugin state, text encoders, VAE and activations, plus a
-        stated allowance for the CUDA context and the allocator. Also predicts `nlora sample`
-        with and without --low-vram. It is a prediction: benchmarks/RESULTS.md compares it
-        with measurements.
-        """
-        from naruto_lora.util.errors import UserError
+    Runs a real training step and a validation sample of the profile on fake tensors
+    (shapes, no data) and counts every allocation; prints the peak split into weights,
+    LoRA and optimizer state, plugin state, text encoders, VAE and activations, plus a
+    stated allowance for the CUDA context and the allocator. Also predicts `nlora sample`
+    with and without --low-vram. It is a prediction: benchmarks/RESULTS.md compares it
+    with measurements.
+    """
+    from naruto_lora.util.errors import UserError
 
-        profile_name = kwargs["profile_name"]
-        profile = load_profile_from_options(kwargs)  # --model sets model.pretrained
-        if save is not None and fit_gb is None:
-            raise UserError("--save writes the configuration --fit finds; give --fit GB too.")
-        for flag, size in (("--vram", vram), ("--fit", fit_gb)):
-            if size is not None and not 1 <= size <= 1024:
-                raise UserError(f"{flag} {size:g}: give the card's size in GB, e.g. {flag} 12.")
-        if fit_gb is not None:
-            result = _with_progress(as_json, lambda on: _fit(profile, fit_gb, on))
-            _show_fit(result, profile_name, save, as_json)
-            return
-        from naruto_lora.plan.planner import plan_profile
+    profile_name = kwargs["profile_name"]
+    profile = load_profile_from_options(kwargs)  # --model sets model.pretrained
+    if save is not None and fit_gb is None:
+        raise UserError("--save writes the configuration --fit finds; give --fit GB too.")
+    for flag, size in (("--vram", vram), ("--fit", fit_gb)):
+        if size is not None and not 1 <= size <= 1024:
+            raise UserError(f"{flag} {size:g}: give the card's size in GB, e.g. {flag} 12.")
+    if fit_gb is not None:
+        result = _with_progress(as_json, lambda on: _fit(profile, fit_gb, on))
+        _show_fit(result, profile_name, save, as_json)
+        return
+    from naruto_lora.plan.planner import plan_profile
 
-        total = len(PHASES) + (0 if no_sample else 1)
-        found = _with_progress(
-            as_json,
-            lambda on: plan_profile(
-                profile, sampling=not no_sample, use_cache=not no_cache, on_phase=on
-            ),
-            total,
-        )
-        _show_plan(found, vram, as_json)
+    total = len(PHASES) + (0 if no_sample else 1)
+    found = _with_progress(
+        as_json,
+        lambda on: plan_profile(
+            profile, sampling=not no_sample, use_cache=not no_cache, on_phase=on
+        ),
+        total,
+    )
+    _show_plan(found, vram, as_json)
 
 
 def _fit(profile: Any, fit_gb: float, on_phase: Any) -> FitResult:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from naruto_lora.cli.common import GuardedCommand, load_profile_from_options, profile_options
+from naruto_lora.cli.common import load_profile_from_options, profile_options
 
 
 def _resume_command(profile_arg: str, profile: Any, processes: int = 1) -> str:
@@ -82,90 +82,89 @@ def _report_finished(result: Any) -> None:
     )
 
 
-def register(cli: click.Group) -> None:
-    @cli.command("train", cls=GuardedCommand)
-    @profile_options
-    @click.option(
-        "--resume",
-        default=None,
-        metavar="latest|PATH",
-        help="Continue exactly from the newest checkpoint of the output folder, or from PATH.",
-    )
-    @click.option(
-        "--resume-with-changes",
-        is_flag=True,
-        help="With --resume: apply settings that differ from the checkpoint's run (learning "
-        "rate, steps, plugins, ...) from its step on, instead of refusing.",
-    )
-    @click.option(
-        "--overwrite",
-        is_flag=True,
-        help="Replace the naruto-lora run already in the output folder (its LoRA, checkpoints "
-        "and samples).",
-    )
-    @click.option(
-        "--no-auto-cache",
-        is_flag=True,
-        help="Fail if a cache is missing or stale instead of building it first.",
-    )
-    @click.option(
-        "--device",
-        default="auto",
-        show_default=True,
-        help="auto, cpu, cuda or cuda:N.",
-    )
-    @click.option(
-        "--tensorboard", is_flag=True, help="Also log to OUTPUT/logs through accelerate's trackers."
-    )
-    @click.option(
-        "--num-processes",
-        "num_processes",
-        type=int,
-        default=1,
-        show_default=True,
-        metavar="N",
-        help="Train as N processes on this machine (one per GPU; on a CPU, gloo), launched "
-        "through accelerate. Effective batch: N x batch x accumulation.",
-    )
-    @click.pass_context
-    def train_cmd(
-        ctx: click.Context,
-        resume: str | None,
-        resume_with_changes: bool,
-        overwrite: bool,
-        no_auto_cache: bool,
-        device: str,
-        tensorboard: bool,
-        num_processes: int,
-        **kwargs: Any,
-    ) -> None:
-        """Train the UNet LoRA of a profile: caches first (built if missing or stale), then the
-        loop with the profile's plugins, checkpoints every train.checkpoint_every steps, and the
-        LoRA in diffusers format, loss curve, samples and model card in the output folder.
+@click.command("train")
+@profile_options
+@click.option(
+    "--resume",
+    default=None,
+    metavar="latest|PATH",
+    help="Continue exactly from the newest checkpoint of the output folder, or from PATH.",
+)
+@click.option(
+    "--resume-with-changes",
+    is_flag=True,
+    help="With --resume: apply settings that differ from the checkpoint's run (learning "
+    "rate, steps, plugins, ...) from its step on, instead of refusing.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the naruto-lora run already in the output folder (its LoRA, checkpoints "
+    "and samples).",
+)
+@click.option(
+    "--no-auto-cache",
+    is_flag=True,
+    help="Fail if a cache is missing or stale instead of building it first.",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto, cpu, cuda or cuda:N.",
+)
+@click.option(
+    "--tensorboard", is_flag=True, help="Also log to OUTPUT/logs through accelerate's trackers."
+)
+@click.option(
+    "--num-processes",
+    "num_processes",
+    type=int,
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Train as N processes on this machine (one per GPU; on a CPU, gloo), launched "
+    "through accelerate. Effective batch: N x batch x accumulation.",
+)
+@click.pass_context
+def train_cmd(
+    ctx: click.Context,
+    resume: str | None,
+    resume_with_changes: bool,
+    overwrite: bool,
+    no_auto_cache: bool,
+    device: str,
+    tensorboard: bool,
+    num_processes: int,
+    **kwargs: Any,
+) -> None:
+    """Train the UNet LoRA of a profile: caches first (built if missing or stale), then the
+    loop with the profile's plugins, checkpoints every train.checkpoint_every steps, and the
+    LoRA in diffusers format, loss curve, samples and model card in the output folder.
 
-        Ctrl-C or SIGTERM writes a checkpoint first; continue with --resume latest.
-        Several GPUs: --num-processes N, or `accelerate launch -m naruto_lora train ...`.
-        """
-        from naruto_lora.train import TrainOptions, train
+    Ctrl-C or SIGTERM writes a checkpoint first; continue with --resume latest.
+    Several GPUs: --num-processes N, or `accelerate launch -m naruto_lora train ...`.
+    """
+    from naruto_lora.train import TrainOptions, train
 
-        profile_arg = kwargs["profile_name"]
-        if resume_with_changes and not resume:
-            from naruto_lora.util.errors import UserError
+    profile_arg = kwargs["profile_name"]
+    if resume_with_changes and not resume:
+        from naruto_lora.util.errors import UserError
 
-            raise UserError("--resume-with-changes needs --resume (latest or a checkpoint).")
-        options = TrainOptions(
-            resume=resume,
-            auto_cache=not no_auto_cache,
-            device=device,
-            tensorboard=tensorboard,
-            overwrite=overwrite,
-            resume_with_changes=resume_with_changes,
-        )
-        if num_processes != 1:
-            ctx.exit(_launch(ctx, num_processes, options, dict(kwargs)))
-        profile = load_profile_from_options(kwargs)
-        result = train(profile, options)
-        if result.interrupted:
-            ctx.exit(_report_interrupted(result, profile_arg, profile, result.processes))
-        if result.main_process:
-            _report_finished(result)
+        raise UserError("--resume-with-changes needs --resume (latest or a checkpoint).")
+    options = TrainOptions(
+        resume=resume,
+        auto_cache=not no_auto_cache,
+        device=device,
+        tensorboard=tensorboard,
+        overwrite=overwrite,
+        resume_with_changes=resume_with_changes,
+    )
+    if num_processes != 1:
+        ctx.exit(_launch(ctx, num_processes, options, dict(kwargs)))
+    profile = load_profile_from_options(kwargs)
+    result = train(profile, options)
+    if result.interrupted:
+        ctx.exit(_report_interrupted(result, profile_arg, profile, result.processes))
+    if result.main_process:
+        _report_finished(result)
