@@ -268,17 +268,16 @@ def random_text_encoders(configs: Any, device: torch.device, dtype: torch.dtype)
 
 
 def build_run(profile: Any, configs: Any, device: torch.device, out_dir: Path) -> Any:
-    """A ``train.run.Run`` as ``setup_run`` assembles it, from random weights on the device and
-    without a data set (the batches come from ``device_batches``)."""
+    """A ``train.run.Run`` from random weights on the device and without a data set (the batches
+    come from ``device_batches``), through the trainer's ``make_trainable`` and
+    ``prepare_training``."""
     from naruto_lora.plan.models import noise_scheduler
     from naruto_lora.plugins.manager import build_plugin_manager
-    from naruto_lora.plugins.state import TrainState
     from naruto_lora.train.conditioning import Conditioner
     from naruto_lora.train.guard import NonFiniteGuard
     from naruto_lora.train.metrics import PeakMemory
     from naruto_lora.train.run import Run, TrainOptions
-    from naruto_lora.train.schedule import make_lr_scheduler, make_optimizer
-    from naruto_lora.train.setup import make_accelerator, make_trainable
+    from naruto_lora.train.setup import make_accelerator, make_trainable, prepare_training
     from naruto_lora.util.devices import DTYPES
 
     pm = build_plugin_manager(profile)
@@ -294,20 +293,8 @@ def build_run(profile: Any, configs: Any, device: torch.device, out_dir: Path) -
         torch.manual_seed(profile.train.seed + 1)
         conditioner.text_encoders = random_text_encoders(configs, device, weight_dtype)
     total_steps = profile.train.max_steps
-    optimizer = make_optimizer(pm, params, profile, device)
-    lr_scheduler = make_lr_scheduler(optimizer, profile.train, total_steps)
-    model, optimizer = accelerator.prepare(unet, optimizer)
-    state = TrainState(
-        profile=profile,
-        unet=accelerator.unwrap_model(model),
-        noise_scheduler=noise_scheduler(configs),
-        lora_parameters=params,
-        device=device,
-        weight_dtype=weight_dtype,
-        output_dir=out_dir,
-        accelerator=accelerator,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
+    state, model = prepare_training(
+        profile, pm, accelerator, unet, params, noise_scheduler(configs), out_dir, total_steps
     )
     run = Run(
         profile=profile,
@@ -315,9 +302,9 @@ def build_run(profile: Any, configs: Any, device: torch.device, out_dir: Path) -
         pm=pm,
         accelerator=accelerator,
         state=state,
-        model=pm.hook.nlora_wrap_model(model=model, profile=profile),
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
+        model=model,
+        optimizer=state.optimizer,
+        lr_scheduler=state.lr_scheduler,
         dataset=None,
         batches_per_epoch=0,
         total_steps=total_steps,

@@ -263,6 +263,38 @@ def make_validation(
     )
 
 
+def prepare_training(
+    profile: Profile,
+    pm: Any,
+    accelerator: Any,
+    unet: Any,
+    params: list[torch.nn.Parameter],
+    noise_scheduler: Any,
+    output_dir: Path,
+    total_steps: int,
+) -> tuple[TrainState, Any]:
+    """The optimizer (``nlora_build_optimizer``), its LR schedule, accelerate's wrapping, the
+    ``TrainState`` hooks receive, and the module the step calls (``nlora_wrap_model``); for
+    ``setup_run`` and for anything that trains without a data set (the GPU check)."""
+    optimizer = make_optimizer(pm, params, profile, accelerator.device)
+    lr_scheduler = make_lr_scheduler(optimizer, profile.train, total_steps)
+    model, optimizer = accelerator.prepare(unet, optimizer)
+    state = TrainState(
+        profile=profile,
+        unet=accelerator.unwrap_model(model),
+        noise_scheduler=noise_scheduler,
+        lora_parameters=params,
+        device=accelerator.device,
+        weight_dtype=DTYPES[accelerator.mixed_precision],
+        output_dir=output_dir,
+        accelerator=accelerator,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+    )
+    # Wrapped (e.g. compiled) after state.unet was unwrapped: hooks and saving see the plain module.
+    return state, pm.hook.nlora_wrap_model(model=model, profile=profile)
+
+
 def setup_run(profile: Profile, options: TrainOptions, pm: Any = None) -> Run:
     """Build a ``Run``: every input checked, models on the device, nothing trained yet."""
     from naruto_lora.plugins.manager import build_plugin_manager
@@ -297,34 +329,27 @@ def setup_run(profile: Profile, options: TrainOptions, pm: Any = None) -> Run:
     validation = None  # samples are drawn by the main process only
     if accelerator.is_main_process:
         validation = make_validation(profile, conditioner, device, weight_dtype, pm)
-    optimizer = make_optimizer(pm, params, profile, device)
-    lr_scheduler = make_lr_scheduler(optimizer, profile.train, total_steps)
-    model, optimizer = accelerator.prepare(unet, optimizer)
+    state, model = prepare_training(
+        profile,
+        pm,
+        accelerator,
+        unet,
+        params,
+        load_noise_scheduler(profile.model),
+        output_dir,
+        total_steps,
+    )
     if options.tensorboard:
         accelerator.init_trackers("nlora", config=_tracker_config(profile))
-    state = TrainState(
-        profile=profile,
-        unet=accelerator.unwrap_model(model),
-        noise_scheduler=load_noise_scheduler(profile.model),
-        lora_parameters=params,
-        device=device,
-        weight_dtype=weight_dtype,
-        output_dir=output_dir,
-        accelerator=accelerator,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-    )
     return Run(
         profile=profile,
         options=options,
         pm=pm,
         accelerator=accelerator,
         state=state,
-        # Wrapped (e.g. compiled) after state.unet was unwrapped: hooks and saving see the plain
-        # module.
-        model=pm.hook.nlora_wrap_model(model=model, profile=profile),
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
+        model=model,
+        optimizer=state.optimizer,
+        lr_scheduler=state.lr_scheduler,
         dataset=dataset,
         batches_per_epoch=batches_per_epoch,
         total_steps=total_steps,
