@@ -30,23 +30,25 @@ def build_unet(
     dtype: torch.dtype,
     fake: bool,
 ) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-    """The frozen UNet with the LoRA, as ``train.setup.load_trainable_unet`` makes it."""
-    from naruto_lora.lora.inject import inject_lora
+    """The frozen UNet with the LoRA: with real weights through the trainer's own
+    ``train.setup.make_trainable``; on fake tensors the LoRA goes in on the meta device first
+    (peft's module moves cannot run on fake tensors), then the same ``nlora_prepare_unet``."""
+    from naruto_lora.lora.inject import inject_lora, trainable_parameters
+    from naruto_lora.train.setup import make_trainable
 
-    if fake:
-        # The LoRA goes in on the meta device: peft's module moves cannot run on fake tensors.
-        unet = meta_unet(configs, dtype)
-        with on_meta():
-            inject_lora(unet, profile.lora)
-        with tracker.labelled(WEIGHTS):
-            materialise(unet)
-        params = [p for p in unet.parameters() if p.requires_grad]
-    else:
+    if not fake:
         from naruto_lora.models.loading import load_unet
 
-        unet = load_unet(profile.model, dtype)
-        params = inject_lora(unet, profile.lora)
+        unet, params = make_trainable(load_unet(profile.model, dtype), profile, pm)
         tracker.relabel(unet.parameters(), WEIGHTS)
+        tracker.relabel(params, LORA)
+        return unet, params
+    unet = meta_unet(configs, dtype)
+    with on_meta():
+        inject_lora(unet, profile.lora)
+    with tracker.labelled(WEIGHTS):
+        materialise(unet)
+    params = list(trainable_parameters(unet).values())
     tracker.relabel(params, LORA)
     pm.hook.nlora_prepare_unet(unet=unet, profile=profile, training=True)
     unet.train()
