@@ -78,9 +78,6 @@ def test_demo_lora_shows_the_style_on_held_out_prompts(demo_scores) -> None:
     assert min(s.style for s in lora) > max(s.style for s in base), report
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the LoRA keeps 1 or 2 of the 4 held-out scenes (docs/demo.md)"
-)
 def test_demo_lora_keeps_the_content(demo_scores) -> None:
     base, lora, report = demo_scores
     # At most one held-out scene may slip, and at least 3 of 4 must pass.

@@ -37,6 +37,8 @@ FREE_KEYS = {
     "train.checkpoints_keep",
     "train.dataloader_workers",
     "train.max_nonfinite_in_row",
+    # Speed switches that are plugins now (changes_training = False): their old keys still sit
+    # in checkpoints written before, and must not count as a change.
     "train.compile",
     "train.channels_last",
     "train.fused_optimizer",
