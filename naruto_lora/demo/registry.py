@@ -7,11 +7,10 @@ from pathlib import Path
 from types import ModuleType
 
 from naruto_lora.demo import tiny, toy
-from naruto_lora.util.home import nlora_home
 
 
-def _generated(folder: Path) -> tuple[bool, str]:
-    if (folder / ".nlora-complete").is_file():
+def _generated(folder: Path, version: str) -> tuple[bool, str]:
+    if tiny.is_ready(folder, version):
         return True, f"built in ({folder})"
     return True, "built in; generated on first use (seconds)"
 
@@ -25,21 +24,19 @@ def _shipped() -> tuple[bool, str]:
 
 def register(registry: ModuleType) -> None:
     entry = registry.BuiltinId
-    tiny_dir = f"tiny-sdxl-v{tiny.TINY_VERSION}"
-    shapes_dir = f"tiny-shapes-v{tiny.TINY_VERSION}"
     for item in (
         entry(
             tiny.TINY_MODEL_ID,
             "model",
             lambda: str(tiny.ensure_tiny_model()),
-            lambda: _generated(nlora_home() / tiny_dir),
+            lambda: _generated(tiny.tiny_model_dir(), tiny.TINY_VERSION),
             "random weights, SDXL's architecture at toy size (fast tests)",
         ),
         entry(
             tiny.TINY_DATA_ID,
             "data",
             lambda: str(tiny.ensure_tiny_dataset()),
-            lambda: _generated(nlora_home() / shapes_dir),
+            lambda: _generated(tiny.tiny_dataset_dir(), tiny.TINY_VERSION),
             "captioned coloured shapes for nlora:tiny",
         ),
         entry(
@@ -53,14 +50,14 @@ def register(registry: ModuleType) -> None:
             toy.TOY_STYLE_ID,
             "data",
             lambda: str(toy.ensure_toy_dataset(styled=True)),
-            lambda: _generated(nlora_home() / f"toy-style-v{toy.TOY_DATA_VERSION}"),
+            lambda: _generated(toy.toy_dataset_dir(True), toy.TOY_DATA_VERSION),
             "the style demo's training set (orange background, black ink)",
         ),
         entry(
             toy.TOY_PLAIN_ID,
             "data",
             lambda: str(toy.ensure_toy_dataset(styled=False)),
-            lambda: _generated(nlora_home() / f"toy-plain-v{toy.TOY_DATA_VERSION}"),
+            lambda: _generated(toy.toy_dataset_dir(False), toy.TOY_DATA_VERSION),
             "every toy scene in the plain look",
         ),
     ):

@@ -218,17 +218,26 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
-def _ready(folder: Path) -> bool:
+def is_ready(folder: Path, version: str = TINY_VERSION) -> bool:
+    """Whether a generated demo folder is complete and of this version (its marker says so)."""
     marker = folder / ".nlora-complete"
-    return marker.is_file() and marker.read_text().strip() == TINY_VERSION
+    return marker.is_file() and marker.read_text().strip() == version
+
+
+def tiny_model_dir(root: Path | None = None) -> Path:
+    return (root or nlora_home()) / f"tiny-sdxl-v{TINY_VERSION}"
+
+
+def tiny_dataset_dir(root: Path | None = None) -> Path:
+    return (root or nlora_home()) / f"tiny-shapes-v{TINY_VERSION}"
 
 
 def ensure_tiny_model(root: Path | None = None) -> Path:
     """Create the tiny model folder once (atomically) and return its path."""
     from naruto_lora.util.io import atomic_dir
 
-    folder = (root or nlora_home()) / f"tiny-sdxl-v{TINY_VERSION}"
-    if _ready(folder):
+    folder = tiny_model_dir(root)
+    if is_ready(folder):
         return folder
     with atomic_dir(folder) as tmp:
         build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
@@ -308,8 +317,8 @@ def write_tiny_dataset(folder: Path, count: int = 36, size: int = 64, seed: int 
 def ensure_tiny_dataset(root: Path | None = None) -> Path:
     from naruto_lora.util.io import atomic_dir
 
-    folder = (root or nlora_home()) / f"tiny-shapes-v{TINY_VERSION}"
-    if _ready(folder):
+    folder = tiny_dataset_dir(root)
+    if is_ready(folder):
         return folder
     with atomic_dir(folder) as tmp:
         write_tiny_dataset(tmp)

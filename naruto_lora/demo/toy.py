@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from naruto_lora.demo.tiny import paint_shape
+from naruto_lora.demo.tiny import is_ready, paint_shape
 from naruto_lora.util.home import nlora_home
 
 TOY_BASE_ID = "nlora:toy-base"
@@ -212,14 +212,17 @@ def write_toy_dataset(folder: Path, styled: bool, per_scene: int = 1, seed: int 
     return folder
 
 
+def toy_dataset_dir(styled: bool = True, root: Path | None = None) -> Path:
+    name = "toy-style" if styled else "toy-plain"
+    return (root or nlora_home()) / f"{name}-v{TOY_DATA_VERSION}"
+
+
 def ensure_toy_dataset(styled: bool = True, root: Path | None = None) -> Path:
     """Create the style (or plain) data set once, atomically, in the cache; return its folder."""
     from naruto_lora.util.io import atomic_dir
 
-    name = "toy-style" if styled else "toy-plain"
-    folder = (root or nlora_home()) / f"{name}-v{TOY_DATA_VERSION}"
-    marker = folder / ".nlora-complete"
-    if marker.is_file() and marker.read_text().strip() == TOY_DATA_VERSION:
+    folder = toy_dataset_dir(styled, root)
+    if is_ready(folder, TOY_DATA_VERSION):
         return folder
     with atomic_dir(folder) as tmp:
         write_toy_dataset(tmp, styled=styled)
