@@ -32,6 +32,7 @@ class AdamW8bit(Plugin):
     replaces = {"train.optimizer": _optimizer_key}
     memory_role = "optimizer_8bit"  # nlora plan --fit may switch it
     memory_advice = "8-bit optimizer state, needs bitsandbytes"
+    optimizer_state_bytes = 2 + 2 * 4 / 256  # two uint8 moments, an fp32 scale per 256 each
 
     @hookimpl
     def nlora_build_optimizer(self, params, profile, device, planning) -> torch.optim.Optimizer:

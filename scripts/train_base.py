@@ -52,32 +52,15 @@ LATENT_CHANNELS = 8
 
 def text_encoders(seed: int):
     """Two small CLIP text encoders at a seeded random init, and their tokenizers."""
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from naruto_lora.demo.tiny import clip_text_config
 
     tokenizer, tokenizer_2, vocab_size = clip_tokenizers()
-    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    bos = tokenizer.convert_tokens_to_ids("<|startoftext|>")
     torch.manual_seed(seed)
-    cfg = dict(
-        bos_token_id=bos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_hidden_layers=3,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-        projection_dim=64,
-        layer_norm_eps=1e-5,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg)).eval().requires_grad_(False)
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg)).eval().requires_grad_(False)
+    cfg = clip_text_config(tokenizer, vocab_size, 64, 64)
+    text_encoder = CLIPTextModel(cfg).eval().requires_grad_(False)
+    text_encoder_2 = CLIPTextModelWithProjection(cfg).eval().requires_grad_(False)
     return (tokenizer, tokenizer_2), (text_encoder, text_encoder_2)
 
 

@@ -48,6 +48,47 @@ def test_prediction_matches_a_real_run_of_the_same_step(tiny_configs, overrides)
         assert "vae" in measured.training.split and "text_encoders" in measured.training.split
 
 
+def test_the_planner_builds_and_steps_through_the_trainers_own_functions(
+    tiny_configs, monkeypatch
+):
+    """On fake tensors the planner calls the trainer's ``make_trainable``, ``make_optimizer``,
+    ``compute_loss``, ``clip_gradients`` and ``step_optimizer`` (counted through spies): a change
+    to training reaches the plan without a second copy to edit."""
+    from naruto_lora.plan.core import SimTarget
+    from naruto_lora.plan.sim import simulate_training
+    from naruto_lora.train import loop, schedule, setup
+
+    calls: dict[str, int] = {}
+
+    def spy(module, name):
+        real = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+    for module, name in (
+        (setup, "make_trainable"),
+        (schedule, "make_optimizer"),
+        (loop, "compute_loss"),
+        (loop, "clip_gradients"),
+        (loop, "step_optimizer"),
+    ):
+        spy(module, name)
+    profile = load_profile("smoke")
+    simulate_training(profile, tiny_configs, target=SimTarget("cpu", fake=True), validation=False)
+    # step_optimizer twice: the optimizer's steady state first, then the traced update
+    assert calls == {
+        "make_trainable": 1,
+        "make_optimizer": 1,
+        "compute_loss": 1,
+        "clip_gradients": 1,
+        "step_optimizer": 2,
+    }
+
+
 def test_state_sizes_follow_from_the_parameter_counts(tiny_configs):
     """fp32 LoRA weights, fp32 gradients, AdamW's two fp32 moments and EMA's fp32 shadow: 4, 4,
     8 and 4 bytes per LoRA parameter (plus the allocator's 512-byte rounding per tensor)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 from naruto_lora.util.home import nlora_home
 
@@ -138,6 +139,36 @@ def sdxl_euler_scheduler():
     )
 
 
+def clip_text_config(
+    tokenizer: Any,
+    vocab_size: int,
+    hidden_size: int,
+    projection_dim: int,
+    intermediate_size: int | None = None,
+    num_hidden_layers: int = 3,
+) -> Any:
+    """A small CLIP text encoder's config for the demo's tokenizers (the tiny model's and the
+    toy base's encoders differ only in width)."""
+    from transformers import CLIPTextConfig
+
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    bos = tokenizer.convert_tokens_to_ids("<|startoftext|>")
+    return CLIPTextConfig(
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_attention_heads=4,
+        num_hidden_layers=num_hidden_layers,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=projection_dim,
+        layer_norm_eps=1e-5,
+    )
+
+
 def build_tiny_pipeline(seed: int = 0):
     """The tiny SDXL pipeline object, random weights from a fixed seed."""
 
@@ -147,33 +178,13 @@ def build_tiny_pipeline(seed: int = 0):
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer, tokenizer_2, vocab_size = clip_tokenizers()
-    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    bos = tokenizer.convert_tokens_to_ids("<|startoftext|>")
     torch.manual_seed(seed)
-    text_cfg = dict(
-        bos_token_id=bos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_hidden_layers=3,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-        projection_dim=32,
-        layer_norm_eps=1e-5,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, vocab_size, 32, 32))
     text_encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(**{**text_cfg, "hidden_size": 48, "projection_dim": 40})
+        clip_text_config(tokenizer, vocab_size, 48, 40, intermediate_size=64)
     )
     time_embed_dim = 8
     unet = UNet2DConditionModel(

@@ -30,28 +30,26 @@ def build_unet(
     dtype: torch.dtype,
     fake: bool,
 ) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
-    """The frozen UNet with the LoRA: with real weights through the trainer's own
-    ``train.setup.make_trainable``; on fake tensors the LoRA goes in on the meta device first
-    (peft's module moves cannot run on fake tensors), then the same ``nlora_prepare_unet``."""
-    from naruto_lora.lora.inject import inject_lora, trainable_parameters
+    """The frozen UNet with the LoRA, through the trainer's own ``train.setup.make_trainable``:
+    with real weights from the model's folder, or on fake tensors, where the LoRA goes in on the
+    meta device (peft's module moves cannot run on fake tensors) before storage is given."""
     from naruto_lora.train.setup import make_trainable
 
     if not fake:
         from naruto_lora.models.loading import load_unet
 
         unet, params = make_trainable(load_unet(profile.model, dtype), profile, pm)
-        tracker.relabel(unet.parameters(), WEIGHTS)
-        tracker.relabel(params, LORA)
-        return unet, params
-    unet = meta_unet(configs, dtype)
-    with on_meta():
-        inject_lora(unet, profile.lora)
-    with tracker.labelled(WEIGHTS):
-        materialise(unet)
-    params = list(trainable_parameters(unet).values())
+    else:
+
+        def place(module: torch.nn.Module) -> None:
+            with tracker.labelled(WEIGHTS):
+                materialise(module)
+
+        unet, params = make_trainable(
+            meta_unet(configs, dtype), profile, pm, building=on_meta, place=place
+        )
+    tracker.relabel(unet.parameters(), WEIGHTS)
     tracker.relabel(params, LORA)
-    pm.hook.nlora_prepare_unet(unet=unet, profile=profile, training=True)
-    unet.train()
     return unet, params
 
 

@@ -193,6 +193,18 @@ def role_plugin(role: str) -> str:
     return _roles().get(role, "")
 
 
+ADAMW_STATE_BYTES = 8.0  # the core AdamW: two fp32 moments per parameter
+
+
+@functools.cache
+def optimizer_state_bytes(optimizer: str) -> float:
+    """Optimizer state per LoRA parameter: the plugin's own figure, or the core AdamW's."""
+    from naruto_lora.plugins.manager import discover_plugins
+
+    cls = discover_plugins().get(optimizer)
+    return float(getattr(cls, "optimizer_state_bytes", 0.0) or ADAMW_STATE_BYTES)
+
+
 def _enabled(profile: Profile, plugin: str) -> bool:
     settings = profile.plugins.get(plugin)
     return bool(settings and settings.enabled)
@@ -229,7 +241,7 @@ class MemoryModel:
 
     def lora_state(self, c: Candidate, training: bool) -> float:
         n = self.lora_params(c.rank)
-        optimizer = 8 * n if c.optimizer != role_plugin(EIGHT_BIT_ROLE) else 2 * n + 8 * n / 256
+        optimizer = optimizer_state_bytes(c.optimizer) * n
         plugins = sum(
             per_param * n
             for name, per_param in self.plugin_bytes_per_param.items()

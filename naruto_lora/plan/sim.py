@@ -2,11 +2,11 @@
 storage counted.
 
 ``simulate_training`` builds the profile's models from their configs (no weights: meta device,
-then fake tensors), sets them up with the training loop's own building blocks (``inject_lora``,
-the ``nlora_prepare_unet`` hooks, ``make_optimizer``, the ``nlora_train_start`` hooks one plugin
-at a time so their state is told apart), puts the optimizer in its steady state and runs one
-micro-step of the loop's own ``compute_loss`` with backward and the optimizer update (clip,
-step, zero-grad, ``nlora_after_optimizer_step``), then one validation denoising step and VAE
+then fake tensors), sets them up with the trainer's own functions (``train.setup.make_trainable``:
+LoRA and ``nlora_prepare_unet`` hooks; ``make_optimizer``; the ``nlora_train_start`` hooks one
+plugin at a time so their state is told apart), puts the optimizer in its steady state and runs
+one micro-step of the loop's own ``compute_loss`` with backward and the loop's update
+(``clip_gradients``, ``step_optimizer``, then ``nlora_after_optimizer_step``), then one validation denoising step and VAE
 decode as ``nlora train`` draws its samples (``train.validation.generate_images``).
 ``AllocationTracker`` keeps the peak and its split.
 
@@ -128,17 +128,27 @@ def micro_step(run: Any, batch: dict[str, Any], window_started: bool) -> None:
 
 
 def optimizer_update(run: Any) -> None:
-    """Clip, step, zero-grad and the after-step hooks, as ``train.loop.optimizer_update`` does
-    (its logging and non-finite checks read values, which fake tensors do not have)."""
-    params = run.state.lora_parameters
+    """The loop's ``clip_gradients`` and ``step_optimizer``, then the after-step hooks (the
+    loop's non-finite checks and logging read values, which fake tensors do not have)."""
+    from naruto_lora.train.loop import clip_gradients, step_optimizer
+
     with run.tracker.in_phase("optimizer step"):
-        max_norm = run.profile.train.max_grad_norm or float("inf")
-        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=run.target.emulate_cuda or None)
+        clip_gradients(run)
         with run.tracker.labelled(OPTIMIZER):
-            run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
+            step_optimizer(run)
         run.state.global_step += 1
         run.pm.hook.nlora_after_optimizer_step(state=run.state)
+
+
+@dataclass
+class SimAccelerator:
+    """What the loop asks of accelerate's ``Accelerator`` on one process without a grad
+    scaler: ``clip_grad_norm_`` is torch's, with the fused (foreach) kernels a CUDA run uses."""
+
+    foreach: bool | None
+
+    def clip_grad_norm_(self, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=self.foreach)
 
 
 def label_gradients(params: list[torch.nn.Parameter], tracker: AllocationTracker) -> list[Any]:
@@ -192,6 +202,7 @@ def setup(
         pm=pm,
         tracker=tracker,
         target=target,
+        accelerator=SimAccelerator(foreach=target.emulate_cuda or None),
         state=state,
         model=PreparedUNet(unet, target, autocast_dtype),
         conditioner=conditioner,
@@ -250,9 +261,10 @@ def prime_optimizer(run: SimpleNamespace) -> None:
     with run.tracker.labelled(GRADS):
         for p in run.state.lora_parameters:
             p.grad = torch.zeros_like(p)
+    from naruto_lora.train.loop import step_optimizer
+
     with run.tracker.labelled(OPTIMIZER):
-        run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+        step_optimizer(run)
 
 
 def steady_step(

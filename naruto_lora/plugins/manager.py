@@ -47,6 +47,9 @@ class Plugin:
     # "optimizer_8bit", "tiled_decode"), and the out-of-memory advice for it.
     memory_role: ClassVar[str] = ""
     memory_advice: ClassVar[str] = ""
+    # An optimizer plugin's state in bytes per trainable parameter, for `nlora plan --fit`'s
+    # formulas (0: not an optimizer; the core AdamW keeps two fp32 moments, 8 bytes).
+    optimizer_state_bytes: ClassVar[float] = 0.0
 
     def __init__(self, config: Any):
         self.config = config

@@ -211,15 +211,13 @@ def optimizer_update(run: Run, window: Window) -> Update:
         run.optimizer.zero_grad(set_to_none=True)
         run.guard.skipped(next_step, "the loss", window.items)
         return Update(applied=False, lr=lr)
-    max_norm = run.profile.train.max_grad_norm or math.inf  # 0 = no clipping, norm still logged
-    grad_norm = float(run.accelerator.clip_grad_norm_(run.state.lora_parameters, max_norm))
+    grad_norm = float(clip_gradients(run))
     scaler = run.accelerator.scaler
     if not math.isfinite(grad_norm) and scaler is None:
         run.optimizer.zero_grad(set_to_none=True)
         run.guard.skipped(next_step, "the gradient norm", window.items)
         return Update(applied=False, lr=lr, grad_norm=grad_norm)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    step_optimizer(run)
     if run.optimizer.step_was_skipped:
         # fp16: the grad scaler found inf/NaN, lowered its scale and skipped; routine early on.
         return Update(applied=False, lr=lr, grad_norm=grad_norm)
@@ -227,6 +225,19 @@ def optimizer_update(run: Run, window: Window) -> Update:
     run.state.global_step = next_step
     run.guard.ok()
     return Update(applied=True, lr=lr, grad_norm=grad_norm)
+
+
+def clip_gradients(run: Any) -> torch.Tensor:
+    """The LoRA gradients' total norm, clipped to ``train.max_grad_norm`` (0: no clipping, the
+    norm is still measured). Also the planner's: its ``run.accelerator`` stands in."""
+    max_norm = run.profile.train.max_grad_norm or math.inf
+    return run.accelerator.clip_grad_norm_(run.state.lora_parameters, max_norm)
+
+
+def step_optimizer(run: Any) -> None:
+    """One optimizer step and the gradients let go (also the planner's)."""
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
 
 
 def log_update(run: Run, window: Window, update: Update, display: TrainDisplay) -> None:

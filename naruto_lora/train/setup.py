@@ -6,14 +6,17 @@ may take minutes to build), then models onto the device, optimizer and schedule.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from naruto_lora.config.profile import Profile, write_resolved
-from naruto_lora.lora.inject import inject_lora
+from naruto_lora.lora.inject import inject_lora, trainable_parameters
 from naruto_lora.models.loading import (
     latent_scale,
     load_noise_scheduler,
@@ -144,13 +147,27 @@ def load_trainable_unet(profile: Profile, pm: Any, weight_dtype: torch.dtype) ->
     return make_trainable(load_unet(profile.model, weight_dtype), profile, pm)
 
 
-def make_trainable(unet: Any, profile: Profile, pm: Any) -> tuple[Any, list[torch.nn.Parameter]]:
+def make_trainable(
+    unet: Any,
+    profile: Profile,
+    pm: Any,
+    *,
+    building: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+    place: Callable[[Any], Any] | None = None,
+) -> tuple[Any, list[torch.nn.Parameter]]:
     """The LoRA injected into a loaded UNet, the ``nlora_prepare_unet`` hooks, train mode (also
-    for a UNet built elsewhere, e.g. the GPU check's random full-size one)."""
+    for a UNet built elsewhere, e.g. the GPU check's random full-size one).
+
+    The planner passes ``building`` (inject on the meta device) and ``place`` (give the module
+    storage afterwards): the same steps, on a UNet without weights."""
     from accelerate.utils import set_seed
 
     set_seed(profile.train.seed)
-    params = inject_lora(unet, profile.lora)
+    with building():
+        params = inject_lora(unet, profile.lora)
+    if place is not None:
+        place(unet)
+        params = list(trainable_parameters(unet).values())  # placing makes new parameters
     pm.hook.nlora_prepare_unet(unet=unet, profile=profile, training=True)
     unet.train()
     return unet, params
