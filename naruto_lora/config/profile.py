@@ -61,6 +61,9 @@ class DataConfig:
     random_flip: bool = False
     buckets: bool = False
     max_items: int = 0
+    # Every training caption through this template before it is encoded (and cached), e.g.
+    # "{caption}, naruto style"; "" keeps the captions as they are.
+    caption_template: str = ""
 
 
 @dataclass(frozen=True)
@@ -519,6 +522,11 @@ _VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.resolution", lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8"),
     ("data.max_items", lambda v: v >= 0, "0 (all) or more"),
     ("data.source", bool, "a hub id or a local folder"),
+    (
+        "data.caption_template",
+        lambda v: v == "" or "{caption}" in v,
+        '"" (captions as they are) or a text with {caption} in it, e.g. "{caption}, naruto style"',
+    ),
     ("model.pretrained", bool, "a hub id or a local folder"),
     ("cache.shard_items", lambda v: v >= 1, "at least 1"),
     ("lora.rank", lambda v: v >= 1, "at least 1"),

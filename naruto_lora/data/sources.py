@@ -16,6 +16,7 @@ is usable or with ``strict``. Planning hashes each image and computes its crop p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -379,11 +380,30 @@ def _has_data_files(files: list[Path]) -> bool:
     return any(p.suffix.lower() in DATA_FILE_EXTENSIONS for p in files)
 
 
+def apply_caption_template(template: str, caption: str) -> str:
+    """``template`` with ``{caption}`` replaced by the caption (plain text replacement: other
+    braces stay as written). An empty caption leaves no stray separator: "{caption}, naruto
+    style" gives "naruto style"."""
+    if not template:
+        return caption
+    if not caption:
+        return template.replace("{caption}", "").strip(" ,;")
+    return template.replace("{caption}", caption)
+
+
 def scan_source(data_cfg: Any, *, strict: bool = False) -> DataScan:
-    """List the data set's items (no pixel decoding); apply ``data.max_items``."""
+    """List the data set's items (no pixel decoding); apply ``data.max_items`` and
+    ``data.caption_template`` (so the text cache, its fingerprint and training all see the
+    templated captions)."""
     scan = _scan_any(data_cfg)
     if data_cfg.max_items:
         scan.items = scan.items[: data_cfg.max_items]
+    template = getattr(data_cfg, "caption_template", "")
+    if template:
+        scan.items = [
+            dataclasses.replace(item, caption=apply_caption_template(template, item.caption))
+            for item in scan.items
+        ]
     if not scan.items and not scan.skipped:
         raise UserError(
             f"The data set {scan.description} is empty: it has no images.",

@@ -202,6 +202,35 @@ def encode_prompts(
     return torch.cat(hidden, dim=-1), pooled
 
 
+def force_zeros_for_empty_prompt(model_cfg: Any) -> bool:
+    """The pipeline's ``force_zeros_for_empty_prompt`` (``model_index.json``): True means SDXL's
+    pipeline conditions an empty (negative) prompt on zeros, not on the encoded empty string.
+    True when the model does not say, as ``StableDiffusionXLPipeline`` defaults."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(
+            resolve_model(model_cfg.pretrained),
+            **{k: v for k, v in _common(model_cfg).items() if k == "revision"},
+        )
+    except (OSError, ValueError):
+        return True
+    return bool(config.get("force_zeros_for_empty_prompt", True))
+
+
+def empty_prompt_embeddings(
+    model_cfg: Any, device: torch.device | str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What the SDXL pipeline conditions on for an empty prompt, as ``([1, seq, D], [1, P])``;
+    None when that is zeros (``force_zeros_for_empty_prompt``), so no encoder is loaded."""
+    if force_zeros_for_empty_prompt(model_cfg):
+        return None
+    text = load_text_encoders(model_cfg, torch.float32)
+    with torch.no_grad():
+        prompt, pooled = encode_prompts(text, [""], "cpu")
+    return prompt.to(device, dtype), pooled.to(device, dtype)
+
+
 def load_noise_scheduler(model_cfg: Any):
     """The training noise schedule from the model's own scheduler config (DDPM form)."""
     from diffusers import DDPMScheduler

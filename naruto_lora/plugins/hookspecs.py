@@ -40,8 +40,10 @@ LIFECYCLE = (
     "nlora_wrap_model",
     "nlora_train_start",
     "nlora_load_checkpoint_state",
+    "nlora_adjust_conditioning",
     "nlora_sample_noise",
     "nlora_sample_timesteps",
+    "nlora_per_sample_loss",
     "nlora_loss_weights",
     "nlora_after_optimizer_step",
     "nlora_validation_weights",
@@ -104,6 +106,14 @@ def nlora_load_checkpoint_state(state: TrainState, saved: dict[str, Any]) -> Non
     find was saved by a run without it)."""
 
 
+@hookspec
+def nlora_adjust_conditioning(state: TrainState, conditioning: Any, batch: dict[str, Any]) -> None:
+    """Everyone contributes: change a micro-batch's conditioning before the UNet sees it, by
+    assigning new tensors to ``conditioning``'s fields (``latents``, ``prompt_embeds``,
+    ``pooled_embeds``, ``time_ids``; see ``train.conditioning.Conditioning``), e.g. caption
+    dropout. ``batch`` is the data loader's batch (``index``: the items' data-set indices)."""
+
+
 @hookspec(firstresult=True)
 def nlora_sample_noise(
     state: TrainState, latents: torch.Tensor, generator: torch.Generator | None
@@ -117,6 +127,15 @@ def nlora_sample_timesteps(
 ) -> torch.Tensor:
     """Exactly one answer: a LongTensor of ``batch_size`` training timesteps.
     Core default: uniform over the scheduler's ``num_train_timesteps``."""
+
+
+@hookspec(firstresult=True)
+def nlora_per_sample_loss(
+    state: TrainState, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """Exactly one answer: each sample's loss (shape ``[batch]``, fp32) between the UNet's
+    prediction and its target; ``nlora_loss_weights`` multiply it. Core default (when no
+    plugin answers): the mean squared error of each sample."""
 
 
 @hookspec

@@ -185,6 +185,7 @@ def compute_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
     """Forward one micro-batch and return its (plugin-weighted) loss."""
     state, hook = run.state, run.pm.hook
     cond = run.conditioner(batch)
+    hook.nlora_adjust_conditioning(state=state, conditioning=cond, batch=batch)
     noise = hook.nlora_sample_noise(state=state, latents=cond.latents, generator=run.generator)
     timesteps = hook.nlora_sample_timesteps(
         state=state, batch_size=cond.latents.shape[0], device=state.device, generator=run.generator
@@ -198,9 +199,14 @@ def compute_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
         return_dict=False,
     )[0]
     target = prediction_target(state.noise_scheduler, cond.latents, noise, timesteps)
+    per_sample = hook.nlora_per_sample_loss(
+        state=state, prediction=prediction, target=target, timesteps=timesteps
+    )
+    if per_sample is None:  # the core default
+        per_sample = per_sample_mse(prediction, target)
     contributions = hook.nlora_loss_weights(state=state, timesteps=timesteps)
     weights = combine_loss_weights(contributions, batch_size=len(timesteps))
-    return weighted_loss(per_sample_mse(prediction, target), weights)
+    return weighted_loss(per_sample, weights)
 
 
 def optimizer_update(run: Run, window: Window) -> Update:

@@ -1,0 +1,316 @@
+"""The style-LoRA training options: caption templates, caption dropout and Huber / smooth-L1
+loss, each against an independent reference (the SDXL pipeline's own empty-prompt conditioning,
+``torch.nn.functional``'s losses, the schedules' formulas), and each in a short training run that
+lowers the denoising loss on the base, resumes bit for bit and exports a file diffusers loads."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from nlora_plugins.caption_dropout import drop_captions, dropout_mask
+from nlora_plugins.huber_loss import huber_deltas, per_sample_huber
+from safetensors.torch import load_file
+
+from naruto_lora.lora.inject import WEIGHT_NAME
+from naruto_lora.plugins.manager import build_plugin_manager, load_profile
+from naruto_lora.train import TrainOptions, train
+from naruto_lora.train.conditioning import Conditioning
+from tests.conftest import invoke
+from tests.train_support import SignalAt, cli_args, plugin_manager, tiny_profile
+
+TEMPLATE = "{caption}, toy ink style"
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("options-cache")
+
+
+# --------------------------------------------------------------------------- caption templates
+
+
+def test_caption_template_text() -> None:
+    from naruto_lora.data.sources import apply_caption_template
+
+    assert apply_caption_template(TEMPLATE, "a red circle") == "a red circle, toy ink style"
+    assert apply_caption_template(TEMPLATE, "") == "toy ink style"  # no stray comma
+    assert apply_caption_template("", "a red circle") == "a red circle"
+    assert apply_caption_template("{caption} {x}", "a") == "a {x}"  # other braces kept as written
+
+
+def test_caption_template_reaches_the_text_cache_and_the_batches(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    """The cache encodes the templated captions (each one its own entry: the template is part
+    of what is fingerprinted) and training batches carry them."""
+    from naruto_lora.cache import build_train_dataset, ensure_text_cache
+    from naruto_lora.data.sources import scan_source
+
+    plain = tiny_profile(tmp_path / "cache", tmp_path / "out", 'cache.text="disk"')
+    styled = tiny_profile(
+        tmp_path / "cache",
+        tmp_path / "out",
+        'cache.text="disk"',
+        f'data.caption_template="{TEMPLATE}"',
+    )
+    raw = [item.caption for item in scan_source(plain.data).items]
+    assert raw and not any("toy ink" in c for c in raw)
+    plain_cache = ensure_text_cache(plain)
+    styled_cache = ensure_text_cache(styled)
+    assert sorted(plain_cache.captions) == sorted(set(raw))
+    assert sorted(styled_cache.captions) == sorted({f"{c}, toy ink style" for c in raw})
+    dataset = build_train_dataset(styled, None, styled_cache)
+    batch = dataset.get_batch([0, 1])
+    assert all(c.endswith(", toy ink style") for c in batch["caption"])
+    # the stored embeddings are the templated caption's, not the plain one's
+    assert not torch.equal(
+        styled_cache.embeddings(f"{raw[0]}, toy ink style")[0], plain_cache.embeddings(raw[0])[0]
+    )
+
+
+def test_caption_template_without_the_placeholder_is_refused(cli_runner, tmp_path: Path) -> None:
+    args = cli_args(tmp_path / "cache", tmp_path / "out", 'data.caption_template="toy ink style"')
+    result = invoke(cli_runner, args)
+    assert result.exit_code == 2
+    assert "data.caption_template" in result.output and "{caption}" in result.output
+    assert "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- caption dropout
+
+
+def test_dropout_rate_over_many_draws_and_its_determinism() -> None:
+    p, n = 0.1, 40_000
+    mask = dropout_mask(seed=7, step=3, indices=list(range(n)), probability=p)
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(mask.float().mean().item() - p) < 4 * sigma
+    # a function of (seed, step, index) only: the same again, and not the same at another step
+    again = dropout_mask(seed=7, step=3, indices=list(range(100)), probability=p)
+    assert torch.equal(again, mask[:100])
+    other = dropout_mask(seed=7, step=4, indices=list(range(n)), probability=p)
+    assert not torch.equal(other, mask)
+    assert not dropout_mask(seed=7, step=3, indices=list(range(50)), probability=0.0).any()
+
+
+def _conditioning(batch: int, seq: int, dim: int, pooled: int) -> Conditioning:
+    g = torch.Generator().manual_seed(0)
+    return Conditioning(
+        latents=torch.zeros(batch, 4, 8, 8),
+        prompt_embeds=torch.randn(batch, seq, dim, generator=g),
+        pooled_embeds=torch.randn(batch, pooled, generator=g),
+        time_ids=torch.zeros(batch, 6),
+    )
+
+
+def _pipeline_empty_prompt(model_dir: Path, negative_prompt: str | None):
+    """The SDXL pipeline's own negative conditioning for ``negative_prompt`` (reference)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, add_watermarker=False)
+    with torch.no_grad():
+        _, negative, _, negative_pooled = pipe.encode_prompt(
+            prompt="a red circle",
+            device="cpu",
+            do_classifier_free_guidance=True,
+            negative_prompt=negative_prompt,
+        )
+    return negative, negative_pooled
+
+
+def test_dropped_items_get_the_pipelines_zero_empty_prompt(tiny_model_dir: Path) -> None:
+    """force_zeros_for_empty_prompt (SDXL base, the tiny model): the dropped items' embeddings
+    are exactly what the pipeline uses for no negative prompt, zeros; the others unchanged."""
+    from naruto_lora.models.loading import empty_prompt_embeddings
+
+    model = load_profile("smoke", overrides=[f'model.pretrained="{tiny_model_dir}"']).model
+    assert empty_prompt_embeddings(model, "cpu", torch.float32) is None  # zeros, no encoders
+    negative, negative_pooled = _pipeline_empty_prompt(tiny_model_dir, None)
+    cond = _conditioning(3, negative.shape[1], negative.shape[2], negative_pooled.shape[1])
+    before = cond.prompt_embeds.clone(), cond.pooled_embeds.clone()
+    drop_captions(cond, torch.tensor([True, False, True]), None)
+    for i in (0, 2):
+        assert torch.equal(cond.prompt_embeds[i], negative[0])
+        assert torch.equal(cond.pooled_embeds[i], negative_pooled[0])
+    assert torch.equal(cond.prompt_embeds[1], before[0][1])
+    assert torch.equal(cond.pooled_embeds[1], before[1][1])
+
+
+def test_dropped_items_get_the_encoded_empty_string_without_force_zeros(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from naruto_lora.models.loading import empty_prompt_embeddings
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    index = json.loads((model_dir / "model_index.json").read_text())
+    index["force_zeros_for_empty_prompt"] = False
+    (model_dir / "model_index.json").write_text(json.dumps(index))
+    model = load_profile("smoke", overrides=[f'model.pretrained="{model_dir}"']).model
+    empty = empty_prompt_embeddings(model, "cpu", torch.float32)
+    negative, negative_pooled = _pipeline_empty_prompt(model_dir, "")
+    assert empty is not None
+    torch.testing.assert_close(empty[0], negative, rtol=0, atol=1e-6)
+    torch.testing.assert_close(empty[1], negative_pooled, rtol=0, atol=1e-6)
+    assert empty[0].abs().max() > 0  # not zeros: the encoded empty string
+    cond = _conditioning(2, negative.shape[1], negative.shape[2], negative_pooled.shape[1])
+    drop_captions(cond, torch.tensor([False, True]), empty)
+    assert torch.equal(cond.prompt_embeds[1], empty[0][0])
+    assert torch.equal(cond.pooled_embeds[1], empty[1][0])
+
+
+# --------------------------------------------------------------------------- Huber / smooth L1
+
+
+def test_huber_and_smooth_l1_match_torch_per_sample() -> None:
+    g = torch.Generator().manual_seed(1)
+    prediction = torch.randn(3, 4, 5, 5, generator=g)
+    target = torch.randn(3, 4, 5, 5, generator=g)
+    deltas = torch.tensor([0.05, 0.5, 2.0])
+    huber = per_sample_huber(prediction, target, deltas, "huber")
+    smooth = per_sample_huber(prediction, target, deltas, "smooth_l1")
+    for i, d in enumerate(deltas.tolist()):
+        ref = F.huber_loss(prediction[i], target[i], delta=d)
+        torch.testing.assert_close(huber[i], ref, rtol=1e-6, atol=1e-7)
+        ref = F.smooth_l1_loss(prediction[i], target[i], beta=d)
+        torch.testing.assert_close(smooth[i], ref, rtol=1e-6, atol=1e-7)
+
+
+def test_huber_delta_schedules_follow_their_formulas() -> None:
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    abar = scheduler.alphas_cumprod.double()
+    t = torch.tensor([0, 1, 250, 500, 999])
+    c, steps = 0.1, scheduler.config.num_train_timesteps
+    constant = huber_deltas("constant", c, t, scheduler.alphas_cumprod)
+    assert torch.equal(constant, torch.full((5,), c, dtype=torch.float32))
+    exponential = huber_deltas("exponential", c, t, scheduler.alphas_cumprod)
+    for k, step in enumerate(t.tolist()):
+        # alpha = -ln(c) / T, delta(t) = exp(-alpha t)
+        assert exponential[k].item() == pytest.approx(math.exp(math.log(c) / steps * step), 1e-6)
+        sigma = math.sqrt((1 - abar[step].item()) / abar[step].item())
+        expected = (1 - c) / (1 + sigma) ** 2 + c
+        snr = huber_deltas("snr", c, t, scheduler.alphas_cumprod)
+        assert snr[k].item() == pytest.approx(expected, rel=1e-6)
+    assert exponential[0] == 1.0 and snr[0] > snr[-1] > c
+
+
+def test_huber_loss_is_weighted_by_min_snr_in_the_training_loss(tmp_path: Path) -> None:
+    """Through the loop's own ``compute_loss``: Huber per sample times Min-SNR's weights, each
+    computed here from torch and the paper's formula."""
+    from diffusers import DDPMScheduler
+
+    from naruto_lora.train.loop import compute_loss
+
+    profile = tiny_profile(
+        tmp_path / "c",
+        tmp_path / "o",
+        'plugins.huber_loss.schedule="constant"',
+        "plugins.huber_loss.delta=0.3",
+        "plugins.min_snr.gamma=5.0",
+        only=["huber_loss", "min_snr"],
+    )
+    pm = build_plugin_manager(profile)
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    state = SimpleNamespace(
+        profile=profile, noise_scheduler=scheduler, device=torch.device("cpu"),
+        weight_dtype=torch.float32, global_step=0,
+    )  # fmt: skip
+    cond = _conditioning(4, 8, 16, 8)
+    g = torch.Generator().manual_seed(3)
+    prediction = torch.randn(4, 4, 8, 8, generator=g)
+    run = SimpleNamespace(
+        state=state,
+        pm=pm,
+        conditioner=lambda batch: cond,
+        generator=torch.Generator().manual_seed(5),
+        model=lambda *args, **kwargs: (prediction,),
+    )
+    loss = compute_loss(run, {"index": torch.arange(4)})
+    # the same draws as the core's defaults: noise first, then uniform timesteps
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(cond.latents.shape, generator=g)
+    timesteps = torch.randint(0, 1000, (4,), generator=g)
+    abar = scheduler.alphas_cumprod[timesteps].double()
+    snr = abar / (1 - abar)
+    weights = torch.clamp(snr, max=5.0) / snr
+    huber = torch.stack([F.huber_loss(prediction[i], noise[i], delta=0.3) for i in range(4)])
+    expected = (huber.double() * weights).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- short training runs
+
+OPTIONS = {
+    "caption_dropout": (["caption_dropout"], ["plugins.caption_dropout.probability=0.5"]),
+    "huber_snr": (["huber_loss"], ['plugins.huber_loss.schedule="snr"']),
+    "smooth_l1_exponential": (
+        ["huber_loss"],
+        ['plugins.huber_loss.loss_type="smooth_l1"', 'plugins.huber_loss.schedule="exponential"'],
+    ),
+}
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_option_trains_resumes_and_exports(
+    option: str, cache_dir: Path, tiny_model_dir: Path, tmp_path: Path, cli_runner, monkeypatch
+) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from naruto_lora.models.loading import load_noise_scheduler
+    from naruto_lora.train.evaluate import denoising_loss
+    from tests.test_export import assert_close, pipeline, unet_output
+    from tests.test_train import conditionings
+    from tests.train_support import load_with_diffusers
+
+    plugins, sets = OPTIONS[option]
+    # 1. It learns: the MSE denoising loss on the base, evaluated outside our loop, goes down.
+    quality = tiny_profile(
+        cache_dir, tmp_path / "quality", "train.max_steps=12", 'train.lr_scheduler="constant"',
+        "train.learning_rate=0.01", *sets, only=plugins,
+    )  # fmt: skip
+    result = train(quality, TrainOptions(device="cpu"))
+    batches = conditionings(quality, quality)
+    scheduler = load_noise_scheduler(quality.model)
+    base = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    pipe, _ = load_with_diffusers(tiny_model_dir, result.output_dir, monkeypatch)
+    base_loss = denoising_loss(base, batches, scheduler, seed=99)
+    lora_loss = denoising_loss(pipe.unet, batches, scheduler, seed=99)
+    assert lora_loss < 0.95 * base_loss, (lora_loss, base_loss)
+
+    # 2. It resumes bit for bit after a stop at step 2.
+    resume_sets = ("train.batch_size=2", "train.max_steps=4", "train.checkpoint_every=2", *sets)
+    one = tiny_profile(cache_dir, tmp_path / "one", *resume_sets, only=plugins)
+    train(one, TrainOptions(device="cpu"))
+    two = tiny_profile(cache_dir, tmp_path / "two", *resume_sets, only=plugins)
+    first = train(two, TrainOptions(device="cpu"), pm=plugin_manager(two, SignalAt(2)))
+    assert first.global_step == 2 and first.interrupted
+    train(two, TrainOptions(device="cpu", resume="latest"))
+    expected = load_file(str(tmp_path / "one" / WEIGHT_NAME))
+    got = load_file(str(tmp_path / "two" / WEIGHT_NAME))
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+    # 3. Its kohya export loads through diffusers and fuses to the training output's UNet.
+    out = tmp_path / "export.safetensors"
+    exported = invoke(
+        cli_runner,
+        ["export", "--lora", str(result.output_dir), "--out", str(out), "--format", "kohya",
+         "--dtype", "fp32"],
+    )  # fmt: skip
+    assert exported.exit_code == 0, exported.output
+    reference = pipeline(tiny_model_dir)
+    reference.load_lora_weights(str(result.output_dir))
+    reference.fuse_lora(components=["unet"])
+    from_export = pipeline(tiny_model_dir)
+    from_export.load_lora_weights(str(tmp_path), weight_name=out.name)
+    from_export.fuse_lora(components=["unet"])
+    assert_close(unet_output(from_export.unet), unet_output(reference.unet), rel=1e-5)
