@@ -246,14 +246,57 @@ def test_huber_loss_is_weighted_by_min_snr_in_the_training_loss(tmp_path: Path) 
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+# --------------------------------------------------------------------------- Prodigy
+
+
+def test_prodigy_plugin_steps_like_prodigyopt_driven_by_hand(tmp_path: Path) -> None:
+    """The plugin's optimizer and ``prodigyopt.Prodigy`` built here with the same settings,
+    fed the same gradients: the same parameters and the same D after every step."""
+    from prodigyopt import Prodigy
+
+    from naruto_lora.train.schedule import make_optimizer
+
+    profile = tiny_profile(
+        tmp_path / "c", tmp_path / "o", "train.learning_rate=1.0", "train.adam_weight_decay=0.01",
+        "plugins.prodigy.d_coef=0.5", only=["prodigy"],
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(8, 4, generator=g), torch.zeros(4, 8)]  # an A and a zero B
+    ours = [torch.nn.Parameter(t.clone()) for t in start]
+    theirs = [torch.nn.Parameter(t.clone()) for t in start]
+    optimizer = make_optimizer(build_plugin_manager(profile), ours, profile, torch.device("cpu"))
+    cfg = profile.train
+    reference = Prodigy(
+        theirs, lr=1.0, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+        weight_decay=0.01, decouple=True, d_coef=0.5, use_bias_correction=False,
+        safeguard_warmup=False,
+    )  # fmt: skip
+    assert type(optimizer) is Prodigy
+    goal = [torch.randn(t.shape, generator=g) for t in start]
+    for _ in range(12):  # the gradient of |p - goal|^2: a steady direction that D can learn
+        grads = [2 * (p.detach() - t) for p, t in zip(ours, goal, strict=True)]
+        for params, opt in ((ours, optimizer), (theirs, reference)):
+            for p, grad in zip(params, grads, strict=True):
+                p.grad = grad.clone()
+            opt.step()
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.equal(a, b)
+        assert optimizer.param_groups[0]["d"] == reference.param_groups[0]["d"]
+    assert reference.param_groups[0]["d"] > 1e-6  # D adapted
+
+
 # --------------------------------------------------------------------------- short training runs
 
+# option: (plugins on, profile settings, extra settings of the quality run)
 OPTIONS = {
-    "caption_dropout": (["caption_dropout"], ["plugins.caption_dropout.probability=0.5"]),
-    "huber_snr": (["huber_loss"], ['plugins.huber_loss.schedule="snr"']),
+    # Prodigy starts from a tiny step size (d0 = 1e-6) and needs some steps to grow it
+    "prodigy": (["prodigy"], ["train.learning_rate=1.0"], ["train.max_steps=40"]),
+    "caption_dropout": (["caption_dropout"], ["plugins.caption_dropout.probability=0.5"], []),
+    "huber_snr": (["huber_loss"], ['plugins.huber_loss.schedule="snr"'], []),
     "smooth_l1_exponential": (
         ["huber_loss"],
         ['plugins.huber_loss.loss_type="smooth_l1"', 'plugins.huber_loss.schedule="exponential"'],
+        [],
     ),
 }
 
@@ -270,11 +313,11 @@ def test_option_trains_resumes_and_exports(
     from tests.test_train import conditionings
     from tests.train_support import load_with_diffusers
 
-    plugins, sets = OPTIONS[option]
+    plugins, sets, quality_sets = OPTIONS[option]
     # 1. It learns: the MSE denoising loss on the base, evaluated outside our loop, goes down.
     quality = tiny_profile(
         cache_dir, tmp_path / "quality", "train.max_steps=12", 'train.lr_scheduler="constant"',
-        "train.learning_rate=0.01", *sets, only=plugins,
+        "train.learning_rate=0.01", *sets, *quality_sets, only=plugins,
     )  # fmt: skip
     result = train(quality, TrainOptions(device="cpu"))
     batches = conditionings(quality, quality)
@@ -284,6 +327,14 @@ def test_option_trains_resumes_and_exports(
     base_loss = denoising_loss(base, batches, scheduler, seed=99)
     lora_loss = denoising_loss(pipe.unet, batches, scheduler, seed=99)
     assert lora_loss < 0.95 * base_loss, (lora_loss, base_loss)
+
+    if option == "prodigy":  # its effective learning rate is recorded and plotted
+        from naruto_lora.train.metrics import read_metrics
+
+        rows = read_metrics(result.output_dir / "metrics.jsonl")
+        assert all(r["effective_lr"] == pytest.approx(r["prodigy_d"] * r["lr"]) for r in rows)
+        assert rows[-1]["prodigy_d"] > 1e-6  # D grew from its start, d0 = 1e-6
+        assert (result.output_dir / "loss.png").is_file()
 
     # 2. It resumes bit for bit after a stop at step 2.
     resume_sets = ("train.batch_size=2", "train.max_steps=4", "train.checkpoint_every=2", *sets)

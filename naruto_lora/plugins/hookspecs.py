@@ -46,6 +46,7 @@ LIFECYCLE = (
     "nlora_per_sample_loss",
     "nlora_loss_weights",
     "nlora_after_optimizer_step",
+    "nlora_metrics",
     "nlora_validation_weights",
     "nlora_checkpoint_state",
     "nlora_lora_weights_to_save",
@@ -148,6 +149,13 @@ def nlora_loss_weights(state: TrainState, timesteps: torch.Tensor) -> torch.Tens
 def nlora_after_optimizer_step(state: TrainState) -> None:
     """Everyone contributes: runs after each optimizer update (``state.global_step`` already
     counts it), e.g. the EMA update."""
+
+
+@hookspec
+def nlora_metrics(state: TrainState) -> dict[str, float] | None:
+    """Everyone contributes: extra numbers for this optimizer step's ``metrics.jsonl`` row (and
+    TensorBoard), e.g. an adaptive optimizer's effective learning rate; ``loss.png`` plots them
+    in a panel below the loss. Names must not be the core's own fields."""
 
 
 @hookspec

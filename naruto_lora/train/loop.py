@@ -262,6 +262,8 @@ def log_update(run: Run, window: Window, update: Update, display: TrainDisplay) 
         "data_wait_s": round(window.data_wait_s, 5),
         "peak_mem_gib": round(peak_gib, 4),
     }
+    for extra in run.pm.hook.nlora_metrics(state=run.state):
+        row.update({k: float(v) for k, v in (extra or {}).items() if k not in row})
     if run.is_main:
         run.metrics.append(row)
     if run.options.tensorboard:

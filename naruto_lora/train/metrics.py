@@ -118,15 +118,24 @@ def plot_loss(metrics_path: Path, png_path: Path) -> Path | None:
     losses = [r["loss"] for r in rows]
     smooth = SmoothedValue(0.9)
     smoothed = [smooth.update(v) for v in losses]
-    figure = Figure(figsize=(8, 4.5), dpi=100)
+    extras = sorted({k for r in rows for k in r if k not in METRIC_FIELDS})
+    figure = Figure(figsize=(8, 6.5 if extras else 4.5), dpi=100)
     FigureCanvasAgg(figure)
-    ax = figure.add_subplot(1, 1, 1)
+    ax = figure.add_subplot(2 if extras else 1, 1, 1)
     ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss")
     ax.plot(steps, smoothed, color="tab:blue", linewidth=2, label="smoothed (EMA 0.9)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if extras:  # plugins' own numbers (nlora_metrics), e.g. Prodigy's effective learning rate
+        below = figure.add_subplot(2, 1, 2, sharex=ax)
+        for name in extras:
+            points = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
+            below.plot([s for s, _ in points], [v for _, v in points], linewidth=1.5, label=name)
+        below.set_xlabel("optimizer step")
+        below.grid(alpha=0.3)
+        below.legend()
     figure.tight_layout()
     from naruto_lora.util.io import atomic_path
 
