@@ -285,6 +285,43 @@ def test_prodigy_plugin_steps_like_prodigyopt_driven_by_hand(tmp_path: Path) -> 
     assert reference.param_groups[0]["d"] > 1e-6  # D adapted
 
 
+# --------------------------------------------------------------------------- conv-layer LoRA
+
+
+def test_conv_layers_get_their_own_rank_and_alpha(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """LoCon: the targeted convolutions get lora.conv_rank / conv_alpha, the attention layers
+    keep lora.rank / alpha, checked on peft's own layers after injection."""
+    from diffusers import UNet2DConditionModel
+    from peft.tuners.lora import LoraLayer
+
+    from naruto_lora.lora.inject import inject_lora
+
+    profile = tiny_profile(
+        tmp_path / "c", tmp_path / "o",
+        'lora.target_modules=["to_q", "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv"]',
+        "lora.rank=4", "lora.alpha=4", "lora.conv_rank=2", only=[],
+    )  # fmt: skip
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    inject_lora(unet, profile.lora)
+    layers = {n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer)}
+    convs = {n for n, m in layers.items() if isinstance(m.base_layer, torch.nn.Conv2d)}
+    assert any(n.endswith("conv_shortcut") for n in convs)
+    assert any("downsamplers" in n for n in convs)
+    for name, layer in layers.items():
+        rank, alpha = (2, 2.0) if name in convs else (4, 4.0)  # conv alpha: 4 / 4 x 2
+        assert (layer.r["default"], layer.lora_alpha["default"]) == (rank, alpha), name
+        if name in convs:  # a 3x3 conv's LoRA: a 3x3 down and a 1x1 up convolution
+            down = layer.lora_A["default"].weight
+            assert down.shape[0] == 2 and down.shape[2:] == layer.base_layer.weight.shape[2:]
+
+
+def test_targeting_a_layer_kohya_drops_warns(cli_runner, tmp_path: Path) -> None:
+    args = cli_args(tmp_path / "c", tmp_path / "o", 'lora.target_modules=["to_q", "conv_in"]')
+    result = invoke(cli_runner, args)
+    assert result.exit_code == 0, result.output
+    assert "conv_in" in result.output and "drop" in result.output
+
+
 # --------------------------------------------------------------------------- short training runs
 
 # option: (plugins on, profile settings, extra settings of the quality run)
@@ -293,6 +330,16 @@ OPTIONS = {
     "prodigy": (["prodigy"], ["train.learning_rate=1.0"], ["train.max_steps=40"]),
     "caption_dropout": (["caption_dropout"], ["plugins.caption_dropout.probability=0.5"], []),
     "huber_snr": (["huber_loss"], ['plugins.huber_loss.schedule="snr"'], []),
+    "locon": (
+        [],
+        [
+            'lora.target_modules=["to_q", "to_v", "conv1", "conv2", "conv_shortcut", '
+            '"downsamplers.0.conv", "upsamplers.0.conv"]',
+            "lora.conv_rank=2",
+            "lora.conv_alpha=1",
+        ],
+        [],
+    ),
     "smooth_l1_exponential": (
         ["huber_loss"],
         ['plugins.huber_loss.loss_type="smooth_l1"', 'plugins.huber_loss.schedule="exponential"'],
@@ -309,7 +356,13 @@ def test_option_trains_resumes_and_exports(
 
     from naruto_lora.models.loading import load_noise_scheduler
     from naruto_lora.train.evaluate import denoising_loss
-    from tests.test_export import assert_close, pipeline, unet_output
+    from tests.test_export import (
+        assert_close,
+        lora_layers,
+        pipeline,
+        training_modules,
+        unet_output,
+    )
     from tests.test_train import conditionings
     from tests.train_support import load_with_diffusers
 
@@ -363,5 +416,7 @@ def test_option_trains_resumes_and_exports(
     reference.fuse_lora(components=["unet"])
     from_export = pipeline(tiny_model_dir)
     from_export.load_lora_weights(str(tmp_path), weight_name=out.name)
+    # diffusers' kohya conversion finds every module under our kohya names
+    assert lora_layers(from_export.unet) == training_modules(result.output_dir)
     from_export.fuse_lora(components=["unet"])
     assert_close(unet_output(from_export.unet), unet_output(reference.unet), rel=1e-5)

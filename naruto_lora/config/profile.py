@@ -82,6 +82,11 @@ class LoraConfig:
     alpha: float = 16.0
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     dropout: float = 0.0
+    # Conv-layer LoRA ("LoCon"): targeted Conv2d modules (the ResNets' conv1, conv2,
+    # conv_shortcut; the samplers' downsamplers.0.conv, upsamplers.0.conv) get this rank and
+    # alpha; 0 = the same as rank / an alpha in the same ratio to conv_rank as alpha to rank.
+    conv_rank: int = 0
+    conv_alpha: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -533,6 +538,8 @@ _VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("lora.alpha", lambda v: v > 0, "positive"),
     ("lora.target_modules", lambda v: len(v) > 0, "a non-empty list"),
     ("lora.dropout", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("lora.conv_rank", lambda v: v >= 0, "0 (same as lora.rank) or more"),
+    ("lora.conv_alpha", lambda v: v >= 0, "0 (alpha / rank x conv_rank) or positive"),
     ("train.batch_size", lambda v: v >= 1, "at least 1"),
     ("train.gradient_accumulation_steps", lambda v: v >= 1, "at least 1"),
     ("train.epochs", lambda v: v >= 1, "at least 1"),

@@ -42,15 +42,49 @@ def check_target_modules(unet: torch.nn.Module, targets: tuple[str, ...] | list[
         )
 
 
-def peft_config(lora_cfg: Any):
+# Top-level UNet layers that kohya-format loaders (kohya's sd-scripts, AUTOMATIC1111, Forge)
+# have no name for and drop: a LoRA on them changes nothing there.
+KOHYA_DROPPED = (
+    "conv_in",
+    "conv_out",
+    "time_embedding.linear_1",
+    "time_embedding.linear_2",
+    "add_embedding.linear_1",
+    "add_embedding.linear_2",
+)
+
+
+def targeted_modules(unet: torch.nn.Module, targets: tuple[str, ...] | list[str]) -> list[str]:
+    """The Linear/Conv2d modules the targets name, by peft's suffix rule."""
+    return [
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+        and any(name == t or name.endswith("." + t) for t in targets)
+    ]
+
+
+def conv_rank_and_alpha(lora_cfg: Any) -> tuple[int, float]:
+    """The conv layers' rank and alpha (``lora.conv_rank``, ``lora.conv_alpha``; 0 = derived)."""
+    rank = getattr(lora_cfg, "conv_rank", 0) or lora_cfg.rank
+    alpha = getattr(lora_cfg, "conv_alpha", 0.0) or lora_cfg.alpha * rank / lora_cfg.rank
+    return rank, float(alpha)
+
+
+def peft_config(lora_cfg: Any, conv_modules: list[str] | tuple[str, ...] = ()):
+    """peft's ``LoraConfig``; ``conv_modules`` (full names) get the conv rank and alpha through
+    ``rank_pattern`` / ``alpha_pattern`` when those differ."""
     from peft import LoraConfig
 
+    rank, alpha = conv_rank_and_alpha(lora_cfg)
     return LoraConfig(
         r=lora_cfg.rank,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
         init_lora_weights="gaussian",
         target_modules=list(lora_cfg.target_modules),
+        rank_pattern={n: rank for n in conv_modules} if rank != lora_cfg.rank else {},
+        alpha_pattern={n: alpha for n in conv_modules} if alpha != lora_cfg.alpha else {},
     )
 
 
@@ -58,8 +92,20 @@ def inject_lora(unet: torch.nn.Module, lora_cfg: Any) -> list[torch.nn.Parameter
     """Freeze the UNet, add the LoRA adapter, keep the trainable LoRA parameters in fp32
     (fp16 optimizer updates underflow); return them."""
     check_target_modules(unet, lora_cfg.target_modules)
+    targeted = targeted_modules(unet, lora_cfg.target_modules)
+    dropped = [n for n in targeted if n in KOHYA_DROPPED]
+    if dropped:
+        from naruto_lora.util.console import console
+
+        console.print(
+            f"[yellow]Warning:[/] lora.target_modules includes {', '.join(dropped)}: kohya-format "
+            "loaders (kohya's sd-scripts, AUTOMATIC1111, Forge) have no name for these top-level "
+            "layers and drop them, so the LoRA acts differently there than in diffusers."
+        )
+    modules = dict(unet.named_modules())
+    conv = [n for n in targeted if isinstance(modules[n], torch.nn.Conv2d)]
     unet.requires_grad_(False)
-    unet.add_adapter(peft_config(lora_cfg))
+    unet.add_adapter(peft_config(lora_cfg, conv))
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
