@@ -19,6 +19,7 @@ from nlora_plugins.huber_loss import huber_deltas, per_sample_huber
 from safetensors.torch import load_file
 
 from naruto_lora.lora.inject import WEIGHT_NAME
+from naruto_lora.plugins.hookspecs import hookimpl
 from naruto_lora.plugins.manager import build_plugin_manager, load_profile
 from naruto_lora.train import TrainOptions, train
 from naruto_lora.train.conditioning import Conditioning
@@ -163,6 +164,39 @@ def test_dropped_items_get_the_encoded_empty_string_without_force_zeros(
     drop_captions(cond, torch.tensor([False, True]), empty)
     assert torch.equal(cond.prompt_embeds[1], empty[0][0])
     assert torch.equal(cond.pooled_embeds[1], empty[1][0])
+
+
+class SeenConditioning:
+    """Records, after every other plugin adjusted it, which items of each micro-batch the UNet
+    gets with all-zero text conditioning, and the draw's arguments."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, list[int], list[bool]]] = []
+
+    @hookimpl(trylast=True)
+    def nlora_adjust_conditioning(self, state, conditioning, batch) -> None:
+        zero = (conditioning.prompt_embeds.flatten(1) == 0).all(1)
+        zero &= (conditioning.pooled_embeds == 0).all(1)
+        self.seen.append((state.global_step, batch["index"].tolist(), zero.tolist()))
+
+
+@pytest.mark.parametrize("text", ["disk", "memory"])
+def test_training_drops_exactly_the_drawn_captions(text: str, cache_dir: Path, tmp_path: Path):
+    """In a real run the UNet sees the empty prompt for exactly the items ``dropout_mask``
+    draws for (seed, step, index), with text from the disk cache or from the encoders."""
+    profile = tiny_profile(
+        cache_dir, tmp_path / "run", "train.batch_size=4", "train.max_steps=6",
+        "plugins.caption_dropout.probability=0.5", f'cache.text="{text}"', only=["caption_dropout"],
+    )  # fmt: skip
+    recorder = SeenConditioning()
+    train(profile, TrainOptions(device="cpu"), pm=plugin_manager(profile, recorder))
+    assert len(recorder.seen) == 6 * profile.train.gradient_accumulation_steps
+    dropped = 0
+    for step, indices, zero in recorder.seen:
+        expected = dropout_mask(profile.train.seed, step, indices, 0.5).tolist()
+        assert zero == expected, (step, indices)
+        dropped += sum(zero)
+    assert 0 < dropped < 4 * len(recorder.seen)  # some dropped, not all
 
 
 # --------------------------------------------------------------------------- Huber / smooth L1
@@ -329,6 +363,11 @@ OPTIONS = {
     # Prodigy starts from a tiny step size (d0 = 1e-6) and needs some steps to grow it
     "prodigy": (["prodigy"], ["train.learning_rate=1.0"], ["train.max_steps=40"]),
     "caption_dropout": (["caption_dropout"], ["plugins.caption_dropout.probability=0.5"], []),
+    "caption_dropout_text_in_memory": (
+        ["caption_dropout"],
+        ["plugins.caption_dropout.probability=0.5", 'cache.text="memory"'],
+        [],
+    ),
     "huber_snr": (["huber_loss"], ['plugins.huber_loss.schedule="snr"'], []),
     "locon": (
         [],
