@@ -48,9 +48,7 @@ def test_prediction_matches_a_real_run_of_the_same_step(tiny_configs, overrides)
         assert "vae" in measured.training.split and "text_encoders" in measured.training.split
 
 
-def test_the_planner_builds_and_steps_through_the_trainers_own_functions(
-    tiny_configs, monkeypatch
-):
+def test_the_planner_builds_and_steps_through_the_trainers_own_functions(tiny_configs, monkeypatch):
     """On fake tensors the planner calls the trainer's ``make_trainable``, ``make_optimizer``,
     ``compute_loss``, ``clip_gradients`` and ``step_optimizer`` (counted through spies): a change
     to training reaches the plan without a second copy to edit."""
