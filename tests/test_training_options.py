@@ -319,6 +319,20 @@ def test_prodigy_plugin_steps_like_prodigyopt_driven_by_hand(tmp_path: Path) -> 
     assert reference.param_groups[0]["d"] > 1e-6  # D adapted
 
 
+def test_fit_keeps_prodigy_and_counts_its_state() -> None:
+    """``nlora plan --fit`` does not swap Prodigy for (8-bit) AdamW, and sizes its state as
+    the plugin declares: 16 bytes per LoRA parameter against AdamW's 8."""
+    from naruto_lora.plan.fit import chosen_optimizer, optimizer_choices, optimizer_state_bytes
+
+    plain = load_profile("14gb")
+    with_prodigy = load_profile("14gb", enable=["prodigy"])
+    assert optimizer_choices(plain) == ("adamw", "adamw8bit")
+    assert chosen_optimizer(plain) == "adamw"
+    assert optimizer_choices(with_prodigy) == ("prodigy",)
+    assert chosen_optimizer(with_prodigy) == "prodigy"
+    assert (optimizer_state_bytes("adamw"), optimizer_state_bytes("prodigy")) == (8.0, 16.0)
+
+
 # --------------------------------------------------------------------------- conv-layer LoRA
 
 

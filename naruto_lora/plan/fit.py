@@ -165,9 +165,7 @@ def candidates(profile: Profile) -> Iterator[Candidate]:
         checkpointing,
         ("memory", "disk"),
         itertools.product(*devices),
-        ("adamw", role_plugin(EIGHT_BIT_ROLE))
-        if role_plugin(EIGHT_BIT_ROLE) in profile.plugins
-        else ("adamw",),
+        optimizer_choices(profile),
         batch_splits(profile),
         validation,
         tilings,
@@ -194,6 +192,36 @@ def role_plugin(role: str) -> str:
 
 
 ADAMW_STATE_BYTES = 8.0  # the core AdamW: two fp32 moments per parameter
+
+
+def _fixed_optimizer(profile: Profile) -> str:
+    """An enabled optimizer plugin other than the 8-bit one (Prodigy, say): --fit keeps it."""
+    from naruto_lora.plugins.manager import discover_plugins
+
+    for name, cls in discover_plugins().items():
+        if (
+            getattr(cls, "optimizer_state_bytes", 0.0)
+            and getattr(cls, "memory_role", "") != EIGHT_BIT_ROLE
+            and _enabled(profile, name)
+        ):
+            return name
+    return ""
+
+
+def chosen_optimizer(profile: Profile) -> str:
+    """The profile's optimizer: a plugin's name, or "adamw" for the core's default."""
+    eight_bit = role_plugin(EIGHT_BIT_ROLE)
+    return _fixed_optimizer(profile) or (eight_bit if _enabled(profile, eight_bit) else "adamw")
+
+
+def optimizer_choices(profile: Profile) -> tuple[str, ...]:
+    """The optimizers --fit may pick: AdamW or its 8-bit plugin; only the profile's own when
+    it uses another optimizer plugin."""
+    fixed = _fixed_optimizer(profile)
+    if fixed:
+        return (fixed,)
+    eight_bit = role_plugin(EIGHT_BIT_ROLE)
+    return ("adamw", eight_bit) if eight_bit in profile.plugins else ("adamw",)
 
 
 @functools.cache
@@ -300,7 +328,7 @@ def current_candidate(profile: Profile) -> Candidate:
         _checkpointing(profile),
         profile.cache.text,
         devices,
-        role_plugin(EIGHT_BIT_ROLE) if _enabled(profile, role_plugin(EIGHT_BIT_ROLE)) else "adamw",
+        chosen_optimizer(profile),
         profile.train.batch_size,
         profile.train.gradient_accumulation_steps,
         profile.validation.every_steps > 0,
