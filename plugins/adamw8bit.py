@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from naruto_lora.plugins.defaults import adam_settings
+from naruto_lora.plugins.defaults import PlanningStandIn, adam_settings
 from naruto_lora.plugins.hookspecs import hookimpl
 from naruto_lora.plugins.manager import Plugin
 from naruto_lora.util.errors import UserError
@@ -54,28 +54,14 @@ class AdamW8bit(Plugin):
         return bnb.optim.AdamW8bit(params, **settings)
 
 
-class AdamW8bitStandIn(torch.optim.Optimizer):
+class AdamW8bitStandIn(PlanningStandIn):
     """Holds what bitsandbytes' ``AdamW8bit`` holds, for the planner (bitsandbytes needs a GPU):
     per parameter of 4096+ elements two uint8 moments and an fp32 scale per 256-element block
     (smaller parameters keep fp32 moments), plus the two shared 256-entry code books."""
 
     BLOCK, MIN_8BIT = 256, 4096
 
-    def __init__(self, params: list[torch.nn.Parameter], **defaults: Any) -> None:
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state.update(self._initial_state(p))
-                p.add_(p.grad, alpha=-group["lr"])  # stands in for the fused 8-bit kernel
-
-    def _initial_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+    def initial_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         if p.numel() < self.MIN_8BIT:
             return {"state1": torch.zeros_like(p), "state2": torch.zeros_like(p)}
         blocks = -(-p.numel() // self.BLOCK)

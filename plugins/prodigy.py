@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from naruto_lora.plugins.defaults import PlanningStandIn
 from naruto_lora.plugins.hookspecs import hookimpl
 from naruto_lora.plugins.manager import Plugin
 from naruto_lora.util.console import console
@@ -97,24 +98,12 @@ class Prodigy(Plugin):
         return {"effective_lr": group["d"] * group["lr"], "prodigy_d": group["d"]}
 
 
-class ProdigyStandIn(torch.optim.Optimizer):
+class ProdigyStandIn(PlanningStandIn):
     """Holds what ``prodigyopt.Prodigy`` holds per parameter, for the planner: both moments,
     the running sum ``s`` and the starting copy ``p0``, in the parameter's dtype."""
 
-    def __init__(self, params: list[torch.nn.Parameter], **defaults: Any) -> None:
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    for key in ("s", "p0", "exp_avg", "exp_avg_sq"):
-                        state[key] = torch.zeros_like(p)
-                p.add_(p.grad, alpha=-group["lr"])  # stands in for Prodigy's update
+    def initial_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {key: torch.zeros_like(p) for key in ("s", "p0", "exp_avg", "exp_avg_sq")}
 
 
 PLUGIN = Prodigy

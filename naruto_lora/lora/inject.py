@@ -23,14 +23,24 @@ ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADA
 UNET_PREFIX = "unet."
 
 
-def check_target_modules(unet: torch.nn.Module, targets: tuple[str, ...] | list[str]) -> None:
-    """Every target must name at least one Linear/Conv module of the UNet (peft's suffix match)."""
-    names = [
-        name
+def _adaptable_layers(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The UNet's Linear and Conv2d modules by path: what a LoRA target can name."""
+    return {
+        name: module
         for name, module in unet.named_modules()
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
-    ]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    }
+
+
+def _names(path: str, target: str) -> bool:
+    """peft's suffix rule: a target names a module path equal to it or ending in ``.target``."""
+    return path == target or path.endswith("." + target)
+
+
+def check_target_modules(unet: torch.nn.Module, targets: tuple[str, ...] | list[str]) -> None:
+    """Every target must name at least one Linear/Conv module of the UNet (peft's suffix match)."""
+    names = list(_adaptable_layers(unet))
+    missing = [t for t in targets if not any(_names(n, t) for n in names)]
     if missing:
         leaves = sorted(
             {n.rsplit(".", 1)[-1] for n in names}
@@ -54,14 +64,15 @@ KOHYA_DROPPED = (
 )
 
 
-def targeted_modules(unet: torch.nn.Module, targets: tuple[str, ...] | list[str]) -> list[str]:
-    """The Linear/Conv2d modules the targets name, by peft's suffix rule."""
-    return [
-        name
-        for name, module in unet.named_modules()
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
-        and any(name == t or name.endswith("." + t) for t in targets)
-    ]
+def targeted_modules(
+    unet: torch.nn.Module, targets: tuple[str, ...] | list[str]
+) -> dict[str, torch.nn.Module]:
+    """The Linear/Conv2d modules the targets name, by path, by peft's suffix rule."""
+    return {
+        name: module
+        for name, module in _adaptable_layers(unet).items()
+        if any(_names(name, t) for t in targets)
+    }
 
 
 def conv_rank_and_alpha(lora_cfg: Any) -> tuple[int, float]:
@@ -102,8 +113,7 @@ def inject_lora(unet: torch.nn.Module, lora_cfg: Any) -> list[torch.nn.Parameter
             "loaders (kohya's sd-scripts, AUTOMATIC1111, Forge) have no name for these top-level "
             "layers and drop them, so the LoRA acts differently there than in diffusers."
         )
-    modules = dict(unet.named_modules())
-    conv = [n for n in targeted if isinstance(modules[n], torch.nn.Conv2d)]
+    conv = [n for n, module in targeted.items() if isinstance(module, torch.nn.Conv2d)]
     unet.requires_grad_(False)
     unet.add_adapter(peft_config(lora_cfg, conv))
     params = [p for p in unet.parameters() if p.requires_grad]

@@ -6,8 +6,8 @@ then fake tensors), sets them up with the trainer's own functions (``train.setup
 LoRA and ``nlora_prepare_unet`` hooks; ``make_optimizer``; the ``nlora_train_start`` hooks one
 plugin at a time so their state is told apart), puts the optimizer in its steady state and runs
 one micro-step of the loop's own ``compute_loss`` with backward and the loop's update
-(``clip_gradients``, ``step_optimizer``, then ``nlora_after_optimizer_step``), then one validation denoising step and VAE
-decode as ``nlora train`` draws its samples (``train.validation.generate_images``).
+(``clip_gradients``, ``step_optimizer``, then ``nlora_after_optimizer_step``), then one
+validation denoising step and VAE decode as ``nlora train`` draws its samples (``train.validation.generate_images``).
 ``AllocationTracker`` keeps the peak and its split.
 
 The same code runs on real tensors (``SimTarget(fake=False)``) with the model loaded from its

@@ -27,6 +27,29 @@ def adamw(
     return torch.optim.AdamW(params, fused=device.type == "cuda", **adam_settings(train_cfg))
 
 
+class PlanningStandIn(torch.optim.Optimizer):
+    """For an optimizer plugin that cannot run on the planner's fake tensors: holds per
+    parameter the state ``initial_state`` gives (what the real optimizer would hold) and steps by
+    plain SGD in its place, so the planner counts the same memory."""
+
+    def __init__(self, params: list[torch.nn.Parameter], **defaults: Any) -> None:
+        super().__init__(params, defaults)
+
+    def initial_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(self.initial_state(p))
+                p.add_(p.grad, alpha=-group["lr"])  # stands in for the real update
+
+
 class CoreDefaults:
     @hookimpl(trylast=True)
     def nlora_sample_noise(self, state, latents: torch.Tensor, generator) -> torch.Tensor:
