@@ -36,19 +36,25 @@ def lora_unet(
     targets=WIDE_TARGETS,
     seed: int = 0,
     strength: float = 0.05,
+    dora: bool = False,
 ):
     """The tiny UNet with an injected LoRA: lora_A as peft initialises it, lora_B random with std
     ``strength`` (lora_B starts at zero in training; non-zero here so the LoRA changes the output,
-    by about half the output's range at 0.05, a realistic trained strength)."""
+    by about half the output's range at 0.05, a realistic trained strength). With ``dora`` the
+    DoRA magnitudes are also moved off their start (the row norms) by 20 % at random, so that a
+    loader which ignored them would give another UNet."""
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
     torch.manual_seed(seed)  # peft draws lora_A from the global generator
-    lora.inject_lora(unet, LoraConfig(rank=rank, alpha=alpha, target_modules=tuple(targets)))
+    config = LoraConfig(rank=rank, alpha=alpha, target_modules=tuple(targets), use_dora=dora)
+    lora.inject_lora(unet, config)
     generator = torch.Generator().manual_seed(seed)
     for name, param in unet.named_parameters():
         if "lora_B" in name:
             param.data = torch.randn(param.shape, generator=generator) * strength
+        elif "lora_magnitude_vector" in name:
+            param.data = param.data * (1 + 0.2 * torch.randn(param.shape, generator=generator))
     return unet
 
 
@@ -76,16 +82,17 @@ def make_output(
     seed: int = 0,
     strength: float = 0.05,
     checkpoint_step: int | None = None,
+    dora: bool = False,
 ) -> Path:
     """A training output folder: weights, the resolved profile, optionally EMA weights (a
     different random LoRA of the same shape) and a checkpoint."""
-    unet = lora_unet(model_dir, rank, alpha, targets, seed, strength)
+    unet = lora_unet(model_dir, rank, alpha, targets, seed, strength, dora)
     meta = lora.adapter_metadata(unet)
     lora.save_lora(
         folder, lora.lora_state_dict(unet), meta, training_metadata(rank=rank, alpha=alpha)
     )
     if ema:
-        ema_unet = lora_unet(model_dir, rank, alpha, targets, seed + 1000, strength)
+        ema_unet = lora_unet(model_dir, rank, alpha, targets, seed + 1000, strength, dora)
         lora.save_lora(
             folder / EMA_SUBFOLDER,
             lora.lora_state_dict(ema_unet),
@@ -103,6 +110,7 @@ def make_output(
             f"model.pretrained={str(model_dir)!r}",
             f"lora.rank={rank}",
             f"lora.alpha={alpha}",
+            f"lora.use_dora={str(dora).lower()}",
         ],
     )
     profile = dataclasses.replace(

@@ -393,6 +393,12 @@ OPTIONS = {
         ],
         [],
     ),
+    "dora": ([], ["lora.use_dora=true"], []),
+    "dora_locon": (
+        [],
+        ["lora.use_dora=true", 'lora.target_modules=["to_q", "to_v", "conv1", "conv2"]'],
+        [],
+    ),
     "smooth_l1_exponential": (
         ["huber_loss"],
         ['plugins.huber_loss.loss_type="smooth_l1"', 'plugins.huber_loss.schedule="exponential"'],
@@ -456,11 +462,13 @@ def test_option_trains_resumes_and_exports(
     for key, value in expected.items():
         assert torch.equal(got[key], value), key
 
-    # 3. Its kohya export loads through diffusers and fuses to the training output's UNet.
+    # 3. Its kohya export loads through diffusers and fuses to the training output's UNet; for
+    # DoRA the diffusers export (diffusers drops dora_scale from kohya files).
     out = tmp_path / "export.safetensors"
+    fmt = "diffusers" if option.startswith("dora") else "kohya"
     exported = invoke(
         cli_runner,
-        ["export", "--lora", str(result.output_dir), "--out", str(out), "--format", "kohya",
+        ["export", "--lora", str(result.output_dir), "--out", str(out), "--format", fmt,
          "--dtype", "fp32"],
     )  # fmt: skip
     assert exported.exit_code == 0, exported.output
@@ -469,7 +477,7 @@ def test_option_trains_resumes_and_exports(
     reference.fuse_lora(components=["unet"])
     from_export = pipeline(tiny_model_dir)
     from_export.load_lora_weights(str(tmp_path), weight_name=out.name)
-    # diffusers' kohya conversion finds every module under our kohya names
+    # diffusers' conversion finds every module under our names
     assert lora_layers(from_export.unet) == training_modules(result.output_dir)
     from_export.fuse_lora(components=["unet"])
     assert_close(unet_output(from_export.unet), unet_output(reference.unet), rel=1e-5)

@@ -27,6 +27,7 @@ def _report(result: Any) -> None:
         ("format", result.format),
         ("modules", str(result.modules)),
         ("rank / alpha", f"{meta.get('nlora.rank')} / {meta.get('nlora.alpha')}"),
+        ("kind", "DoRA" if meta.get("nlora.use_dora") == "true" else "LoRA"),
         ("dtype", meta.get("nlora.dtype", "")),
         ("base model", meta.get("nlora.base_model", "")),
         ("weights sha256", meta.get("nlora.weights_sha256", "-")),
@@ -41,6 +42,8 @@ def _report(result: Any) -> None:
         "[green]Exported and verified:[/] every LoRA module loaded and matches the training output."
     )
     console.print(table)
+    for note in result.notes:
+        console.print(f"[yellow]Note:[/] {note}")
 
 
 @click.command("export")

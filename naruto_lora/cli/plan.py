@@ -157,7 +157,7 @@ def settings_line(settings: dict[str, Any]) -> str:
     parts = [
         f"{s['resolution']} px",
         f"batch {s['batch_size']} x {s['gradient_accumulation_steps']} accumulation",
-        f"rank {s['rank']}",
+        f"rank {s['rank']}" + (" DoRA" if s.get("use_dora") else ""),
         "fp32" if s["mixed_precision"] == "no" else s["mixed_precision"],
         s["optimizer"],
         f"text {s['cache_text']}",
@@ -209,7 +209,8 @@ def _show_plan(plan: Plan, vram: float | None, as_json: bool) -> None:
     console.print(f"Settings: {escape(settings_line(plan.settings))}.")
     targets = ", ".join(plan.settings["target_modules"])
     console.print(
-        f"LoRA: [bold]{plan.lora_parameters:,}[/] trainable parameters "
+        f"{'DoRA' if plan.settings.get('use_dora') else 'LoRA'}: "
+        f"[bold]{plan.lora_parameters:,}[/] trainable parameters "
         f"(rank {plan.settings['rank']} on {escape(targets)})."
     )
     console.print(plan_table(plan))

@@ -87,6 +87,9 @@ class LoraConfig:
     # alpha; 0 = the same as rank / an alpha in the same ratio to conv_rank as alpha to rank.
     conv_rank: int = 0
     conv_alpha: float = 0.0
+    # DoRA (weight-decomposed LoRA, through peft): each targeted layer also learns a magnitude
+    # per output channel; the LoRA's update then sets only the direction of each weight row.
+    use_dora: bool = False
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ same on both sides, so two LoRAs give the same fused UNet exactly when every mod
 matches. The check therefore loads the file onto a weightless copy of the UNet
 (``weightless_unet``: SDXL costs no memory), reads each loaded module's delta from peft and
 compares it with the training output's. Every module must load (no key left unmatched, no module
-missing) and agree within the rounding of the export dtype.
+missing) and agree within the rounding of the export dtype. A DoRA module's magnitude vector is
+compared as it was loaded too; diffusers drops ``dora_scale`` from kohya files (it loads them as
+plain LoRA), so for those the magnitudes are read back from the file by naruto-lora's reader.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def compare_deltas(
     tolerance: float,
     path: Path,
     loader: str,
+    with_magnitude: bool = True,
 ) -> float:
     """Every module present on both sides, each within ``tolerance`` (relative to the module's
     largest delta entry); returns the largest relative difference.
@@ -101,9 +104,7 @@ def compare_deltas(
         with torch.no_grad():
             reference = lora.delta()
             loaded = layers[name].get_delta_weight(VERIFY_ADAPTER).float()
-            error = (loaded - reference).abs().max().item() / max(
-                reference.abs().max().item(), 1e-12
-            )
+            error = _relative_error(loaded, reference)
         del reference, loaded
         worst = max(worst, error)
         if error > tolerance:
@@ -112,6 +113,39 @@ def compare_deltas(
                 f"more than the {tolerance:.0e} rounding allows",
                 path,
             )
+        if with_magnitude and lora.magnitude is not None:
+            vectors = getattr(layers[name], "lora_magnitude_vector", None) or {}
+            if VERIFY_ADAPTER not in vectors:
+                raise _bug(f"{loader} loaded module {name} without its DoRA magnitude", path)
+            magnitude = vectors[VERIFY_ADAPTER].weight.detach().float().reshape(-1)
+            error = _relative_error(magnitude, lora.magnitude.float())
+            worst = max(worst, error)
+            if error > tolerance:
+                raise _bug(
+                    f"{loader} gives module {name} a DoRA magnitude off by {error:.2e}", path
+                )
+    return worst
+
+
+def _relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
+    return (got - reference).abs().max().item() / max(reference.abs().max().item(), 1e-12)
+
+
+def compare_magnitudes(
+    read: LoraWeights, weights: LoraWeights, tolerance: float, path: Path
+) -> float:
+    """The DoRA magnitudes of a file read back, against the training output's."""
+    worst = 0.0
+    for name, lora in weights.modules.items():
+        back = read.modules[name].magnitude if name in read.modules else None
+        if lora.magnitude is None:
+            continue
+        if back is None:
+            raise _bug(f"module {name} was written without its DoRA magnitude", path)
+        error = _relative_error(back.float(), lora.magnitude.float())
+        worst = max(worst, error)
+        if error > tolerance:
+            raise _bug(f"module {name}'s DoRA magnitude is off by {error:.2e} once written", path)
     return worst
 
 
@@ -130,13 +164,25 @@ def verify_lora_file(
         ]
     else:
         checks = [("diffusers load_lora_weights", lambda u: load_with_diffusers(path, u))]
+    # diffusers loads a kohya file's LoRA but drops its dora_scale keys (with a warning).
+    magnitudes_loaded = fmt != "kohya"
     worst = 0.0
     for loader, load in checks:
         unet = weightless_unet(unet_config)
         with _quiet_diffusers():
             model = load(unet) or unet
-        worst = max(worst, compare_deltas(loaded_layers(model), weights, tolerance, path, loader))
-    return tuple(loader for loader, _ in checks), worst
+        layers = loaded_layers(model)
+        worst = max(
+            worst, compare_deltas(layers, weights, tolerance, path, loader, magnitudes_loaded)
+        )
+    loaders = tuple(loader for loader, _ in checks)
+    if weights.use_dora and not magnitudes_loaded:
+        from naruto_lora.lora.weights import read_lora
+
+        read = read_lora(path, weightless_unet(unet_config))
+        worst = max(worst, compare_magnitudes(read, weights, tolerance, path))
+        loaders += ("naruto-lora's kohya reader (dora_scale)",)
+    return loaders, worst
 
 
 class _quiet_diffusers:
@@ -154,8 +200,11 @@ class _quiet_diffusers:
 # --------------------------------------------------------------------------- merged
 
 
-def probe_layers(unet: torch.nn.Module, weights: LoraWeights, seed: int = 0) -> dict[str, tuple]:
-    """Before fusing: each LoRA layer's weight times a random vector, and a bound for rounding.
+def probe_layers(
+    unet: torch.nn.Module, weights: LoraWeights, scale: float, seed: int = 0
+) -> dict[str, tuple]:
+    """Before fusing: each LoRA layer's weight times a random vector, a bound for rounding, and
+    for DoRA the row factor ``m / ||W + scale * delta||`` the fused weight must carry.
 
     Comparing ``W @ v`` (Freivalds' check) instead of keeping a copy of every base weight costs one
     vector per layer instead of gigabytes on SDXL, and a wrong fused weight is still caught.
@@ -163,10 +212,14 @@ def probe_layers(unet: torch.nn.Module, weights: LoraWeights, seed: int = 0) -> 
     generator = torch.Generator().manual_seed(seed)
     layers = dict(unet.named_modules())
     probes = {}
-    for name in weights.modules:
-        weight = layers[name].weight.detach().flatten(1).float()
+    for name, lora in weights.modules.items():
+        weight = layers[name].weight.detach().float()
+        factor = None
+        if lora.magnitude is not None:
+            factor = lora.dora_factor(weight + scale * lora.delta()).flatten()
+        weight = weight.flatten(1)
         vector = torch.randn(weight.shape[1], generator=generator)
-        probes[name] = (vector, weight @ vector, weight.abs() @ vector.abs())
+        probes[name] = (vector, weight @ vector, weight.abs() @ vector.abs(), factor)
     return probes
 
 
@@ -192,13 +245,16 @@ def verify_merged(
         raise _bug(f"{len(changed)} tensors differ after reloading (first: {changed[0]})", folder)
     layers = dict(saved.named_modules())
     worst = 0.0
-    for name, (vector, base_product, bound) in probes.items():
+    for name, (vector, base_product, bound, factor) in probes.items():
         delta = weights.modules[name].delta().flatten(1) * scale
         expected = base_product + delta @ vector
         got = layers[name].weight.detach().flatten(1).float() @ vector
         allowed = tolerance * (bound + delta.abs() @ vector.abs()) + 1e-6
+        if factor is not None:  # DoRA: each row of W + scale * delta, rescaled to its magnitude
+            expected, allowed = expected * factor, allowed * factor.abs()
         error = ((got - expected).abs() / allowed).max().item()
         worst = max(worst, error * tolerance)
         if error > 1:
-            raise _bug(f"fused layer {name} is not base + {scale:g} x LoRA", folder)
+            kind = "DoRA" if factor is not None else "LoRA"
+            raise _bug(f"fused layer {name} is not base + {scale:g} x {kind}", folder)
     return worst

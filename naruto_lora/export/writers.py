@@ -54,6 +54,7 @@ class ExportResult:
     loaders: tuple[str, ...]  # what loaded it back
     max_error: float  # largest relative delta difference found by the check
     metadata: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # what the user should know about where the file works
 
 
 # --------------------------------------------------------------------------- naming and paths
@@ -247,6 +248,10 @@ def export_metadata(
             "modelspec.resolution": f"{resolution}x{resolution}" if resolution else "",
         }
     )
+    if weights.use_dora:
+        metadata["nlora.use_dora"] = "true"
+        # LyCORIS's names for output-axis DoRA, which tools show as the training's network args
+        metadata["ss_network_args"] = json.dumps({"dora_wd": "True", "wd_on_out": "True"})
     if arch == SDXL_BASE_ARCHITECTURE:
         metadata["ss_base_model_version"] = "sdxl_base_v1-0"
     return metadata
@@ -317,6 +322,8 @@ def kohya_tensors(weights: LoraWeights, unet_config: Mapping[str, Any], dtype: t
         tensors[f"{name}.lora_up.weight"] = up.to(dtype)
         # fp32 keeps any alpha exact; every reader takes it with .item().
         tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+        if lora.magnitude is not None:
+            tensors[f"{name}.dora_scale"] = lora.kohya_magnitude().to(dtype)
     return tensors
 
 
@@ -489,7 +496,19 @@ def _export_lora_file(
             digest = write_lora_file(fmt, tmp, weights, unet_config, dtype, metadata)
             loaders, worst = verify_lora_file(fmt, tmp, weights, unet_config, tolerance)
     metadata["nlora.weights_sha256"] = digest
-    return ExportResult(target, fmt, len(weights.modules), loaders, worst, metadata)
+    notes = DORA_KOHYA_NOTES if fmt == "kohya" and weights.use_dora else ()
+    return ExportResult(target, fmt, len(weights.modules), loaders, worst, metadata, notes)
+
+
+DORA_KOHYA_NOTES = (
+    "DoRA: the magnitudes are dora_scale keys of shape (out, 1) / (out, 1, 1, 1), the output-axis "
+    "layout ComfyUI and Forge read. diffusers' load_lora_weights drops dora_scale from kohya "
+    "files and applies plain LoRA: for diffusers use --format diffusers.",
+    "DoRA: ComfyUI and Forge divide output-axis DoRA by the norm of the base weight rather than "
+    "of base + LoRA (ComfyUI PR #15458), and AUTOMATIC1111 reads every dora_scale as "
+    "input-axis, so there the result is approximate (ComfyUI, Forge) or wrong (A1111); "
+    "--format merged gives the exact weights to any tool. See docs/training.md.",
+)
 
 
 def _export_merged(
@@ -507,7 +526,7 @@ def _export_merged(
     from naruto_lora.util.io import atomic_dir
 
     pipe = load_pipeline(model_cfg, dtype)
-    probes = probe_layers(pipe.unet, weights)
+    probes = probe_layers(pipe.unet, weights, scale)
     fuse_lora(pipe, weights, scale)
     metadata = {**metadata, "nlora.lora_scale": f"{scale:g}"}
     with atomic_dir(target) as tmp:

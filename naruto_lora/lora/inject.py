@@ -96,6 +96,7 @@ def peft_config(lora_cfg: Any, conv_modules: list[str] | tuple[str, ...] = ()):
         target_modules=list(lora_cfg.target_modules),
         rank_pattern={n: rank for n in conv_modules} if rank != lora_cfg.rank else {},
         alpha_pattern={n: alpha for n in conv_modules} if alpha != lora_cfg.alpha else {},
+        use_dora=bool(getattr(lora_cfg, "use_dora", False)),
     )
 
 

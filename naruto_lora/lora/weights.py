@@ -10,6 +10,12 @@ Formats recognised by their keys:
   module names, see ``naruto_lora.lora.kohya``).
 
 Throughout, ``alpha`` follows kohya's convention: the weight update is ``alpha / rank * up @ down``.
+
+DoRA (weight-decomposed LoRA, peft's ``use_dora``) adds a magnitude per output channel: the
+layer's weight becomes ``m * V / ||V||`` with ``V = W + alpha / rank * up @ down`` and the norm
+taken over each output row. Its files carry the magnitude as ``lora_magnitude_vector`` (diffusers,
+peft: shape ``(out,)`` for Linear, ``(1, out, 1, 1)`` for Conv2d) or ``dora_scale`` (kohya:
+``(out, 1)`` / ``(out, 1, 1, 1)``, the output-axis layout ComfyUI and Forge recognise).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class LoraModule:
     down: torch.Tensor  # (rank, in) or (rank, in, kh, kw)
     up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
     alpha: float
+    magnitude: torch.Tensor | None = None  # DoRA: (out,), the norm of each output row
 
     @property
     def rank(self) -> int:
@@ -54,6 +61,37 @@ class LoraModule:
         product = up.flatten(1) @ down.flatten(1)
         return (product * self.scale).reshape(up.shape[0], *down.shape[1:])
 
+    @property
+    def is_conv(self) -> bool:
+        return self.down.dim() == 4
+
+    def fused(self, weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """The fp32 layer weight with this module applied at LoRA ``scale`` (diffusers' and
+        peft's meaning of the scale: for DoRA it scales the update inside the normalisation)."""
+        combined = weight.float() + scale * self.delta()
+        if self.magnitude is None:
+            return combined
+        return combined * self.dora_factor(combined)
+
+    def dora_factor(self, combined: torch.Tensor) -> torch.Tensor:
+        """``m / ||V||`` per output row of the combined weight ``V``, shaped to broadcast over it."""
+        assert self.magnitude is not None
+        norm = combined.flatten(1).norm(dim=1)
+        shape = (-1,) + (1,) * (combined.dim() - 1)
+        return (self.magnitude.float() / norm).reshape(shape)
+
+    def peft_magnitude(self) -> torch.Tensor:
+        """The magnitude in peft's shape: ``(out,)`` for Linear, ``(1, out, 1, 1)`` for Conv2d."""
+        assert self.magnitude is not None
+        return self.magnitude.reshape(1, -1, 1, 1) if self.is_conv else self.magnitude
+
+    def kohya_magnitude(self) -> torch.Tensor:
+        """``dora_scale`` on the output axis: ``(out, 1)`` / ``(out, 1, 1, 1)``. A 1-D vector
+        would broadcast against ComfyUI's and Forge's ``(out, 1)`` norm into an ``(out, out)``
+        matrix (ComfyUI issue #12938)."""
+        assert self.magnitude is not None
+        return self.magnitude.reshape(-1, *([1] * (self.down.dim() - 1)))
+
 
 @dataclass
 class LoraWeights:
@@ -67,6 +105,10 @@ class LoraWeights:
 
     def alphas(self) -> Counter:
         return Counter(m.alpha for m in self.modules.values())
+
+    @property
+    def use_dora(self) -> bool:
+        return any(m.magnitude is not None for m in self.modules.values())
 
 
 # --------------------------------------------------------------------------- reading
@@ -112,17 +154,26 @@ def _split_peft_keys(
     parts: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         name = key[len(prefix) :]
-        for suffix, slot in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".alpha", "alpha")):
+        for suffix, slot in PEFT_SLOTS:
             if name.endswith(suffix):
                 parts.setdefault(name[: -len(suffix)], {})[slot] = tensor
                 break
         else:
             raise UserError(
                 f"'{path}' has a key naruto-lora cannot use: '{key}'.",
-                hint="Only plain LoRA weights (lora_A/lora_B) are supported: no DoRA, biases or "
-                "other adapter types.",
+                hint="Only LoRA and DoRA weights (lora_A/lora_B, lora_magnitude_vector) are "
+                "supported: no biases or other adapter types.",
             )
     return parts
+
+
+PEFT_SLOTS = (
+    (".lora_A.weight", "A"),
+    (".lora_B.weight", "B"),
+    (".alpha", "alpha"),
+    (".lora_magnitude_vector", "M"),
+    (".lora_magnitude_vector.weight", "M"),
+)
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str) -> Any | None:
@@ -144,7 +195,7 @@ def _peft_alpha(config: Mapping[str, Any], module: str, rank: int) -> float:
 
 
 def _modules_from_peft(
-    parts: dict[str, dict], config: Mapping[str, Any] | None, path: Path
+    parts: dict[str, dict], config: Mapping[str, Any] | None, path: Path, layout: str = "peft"
 ) -> dict:
     modules = {}
     for name, slots in parts.items():
@@ -157,8 +208,44 @@ def _modules_from_peft(
             alpha = _peft_alpha(config, name, rank)
         else:
             alpha = float(rank)  # diffusers' and peft's convention without a config: scale 1
-        modules[name] = LoraModule(down=slots["A"], up=slots["B"], alpha=alpha)
+        magnitude = slots.get("M")
+        if magnitude is not None:
+            magnitude = _output_axis_magnitude(magnitude, slots["B"], name, path, layout)
+        modules[name] = LoraModule(down=slots["A"], up=slots["B"], alpha=alpha, magnitude=magnitude)
+    dora = [name for name, module in modules.items() if module.magnitude is not None]
+    if dora and len(dora) != len(modules):
+        plain = sorted(set(modules) - set(dora))
+        raise UserError(
+            f"'{path}' mixes DoRA and plain LoRA modules ({len(dora)} with a magnitude, "
+            f"{len(plain)} without, e.g. {plain[0]}); naruto-lora handles one kind per file.",
+            hint="Re-export the LoRA from its training output.",
+        )
     return modules
+
+
+def _output_axis_magnitude(
+    magnitude: torch.Tensor, up: torch.Tensor, name: str, path: Path, layout: str
+) -> torch.Tensor:
+    """A DoRA magnitude as a flat ``(out,)`` vector from the file's ``layout`` (peft's
+    ``(out,)`` / ``(1, out, 1, 1)``, or kohya's ``(out, 1, ...)``, where a 1-D vector also reads as
+    one value per output channel); refuses an input-axis magnitude (LyCORIS's ``wd_on_out =
+    False``: one value per input channel), which decomposes the weight differently and has no
+    peft DoRA equivalent."""
+    out = int(up.shape[0])
+    shape = tuple(magnitude.shape)
+    flat = magnitude.reshape(-1)
+    if layout == "peft":
+        on_output = shape == ((1, out, 1, 1) if up.dim() == 4 else (out,))
+    else:
+        on_output = shape == (out,) or (shape[0] == out and shape[1:] == (1,) * (up.dim() - 1))
+    if not on_output:
+        raise UserError(
+            f"'{path}': module '{name}' has a DoRA magnitude of shape {shape}, which is not one "
+            f"value per output channel ({out}).",
+            hint="Input-axis DoRA (LyCORIS with wd_on_out = false) is not supported; naruto-lora "
+            "reads output-axis DoRA, what peft and `nlora train` with lora.use_dora write.",
+        )
+    return flat
 
 
 def _diffusers_config(metadata: Mapping[str, str], prefix: str) -> dict[str, Any] | None:
@@ -185,18 +272,21 @@ def _peft_file_config(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]
     )
 
 
+KOHYA_SLOTS = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha", "dora_scale": "M"}
+
+
 def _modules_from_kohya(
     tensors: Mapping[str, torch.Tensor], lookup: Mapping[str, str], path: Path
 ) -> dict:
     parts: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         name, _, suffix = key.partition(".")
-        slot = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}.get(suffix)
+        slot = KOHYA_SLOTS.get(suffix)
         if slot is None:
             raise UserError(
                 f"'{path}' has a key naruto-lora cannot use: '{key}'.",
-                hint="Only plain LoRA (lora_down/lora_up/alpha) is supported: no LoCon mid "
-                "weights, LoHa, LoKr or DoRA.",
+                hint="Only LoRA and DoRA (lora_down/lora_up/alpha/dora_scale) are supported: no "
+                "LoCon mid weights, LoHa or LoKr.",
             )
         parts.setdefault(name, {})[slot] = tensor
     unknown = sorted(name for name in parts if name not in lookup)
@@ -207,7 +297,8 @@ def _modules_from_kohya(
             hint="The LoRA was made for another architecture (e.g. SD 1.5 or a different SDXL "
             "variant); use it with the model it was trained on.",
         )
-    return _modules_from_peft({lookup[name]: slots for name, slots in parts.items()}, None, path)
+    renamed = {lookup[name]: slots for name, slots in parts.items()}
+    return _modules_from_peft(renamed, None, path, layout="kohya")
 
 
 def read_lora(path: Path, unet: torch.nn.Module) -> LoraWeights:
@@ -236,7 +327,11 @@ def check_finite(weights: LoraWeights) -> None:
     bad = [
         name
         for name, lora in sorted(weights.modules.items())
-        if not (bool(torch.isfinite(lora.down).all()) and bool(torch.isfinite(lora.up).all()))
+        if not all(
+            bool(torch.isfinite(t).all())
+            for t in (lora.down, lora.up, lora.magnitude)
+            if t is not None
+        )
     ]
     if bad:
         shown = ", ".join(bad[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
@@ -292,6 +387,11 @@ def check_fits(weights: LoraWeights, unet: torch.nn.Module) -> None:
                 f"{name}: LoRA down {tuple(module.down.shape)} / up {tuple(module.up.shape)}, "
                 f"the base layer needs {want_down} / {want_up}"
             )
+        elif module.magnitude is not None and module.magnitude.numel() != want_up[0]:
+            bad.append(
+                f"{name}: DoRA magnitude of {module.magnitude.numel()} values, the base layer "
+                f"has {want_up[0]} output channels"
+            )
     if bad:
         raise UserError(
             f"The LoRA '{weights.path}' does not fit the base UNet: {len(bad)} module(s) have "
@@ -335,18 +435,22 @@ def peft_config_dict(weights: LoraWeights) -> dict[str, Any]:
         "lora_dropout": 0.0,
         "bias": "none",
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": weights.use_dora,
         "init_lora_weights": True,
     }
 
 
 def peft_state_dict(weights: LoraWeights, prefix: str, dtype: torch.dtype | None = None) -> dict:
-    """``<prefix><module>.lora_A.weight`` / ``lora_B.weight`` tensors (contiguous, on the CPU)."""
+    """``<prefix><module>.lora_A.weight`` / ``lora_B.weight`` tensors (and DoRA's
+    ``lora_magnitude_vector``), contiguous, on the CPU."""
     out = {}
     for name, module in sorted(weights.modules.items()):
-        for slot, tensor in (("lora_A", module.down), ("lora_B", module.up)):
+        slots = [("lora_A.weight", module.down), ("lora_B.weight", module.up)]
+        if module.magnitude is not None:
+            slots.append(("lora_magnitude_vector", module.peft_magnitude()))
+        for slot, tensor in slots:
             value = tensor.to(dtype) if dtype is not None else tensor
-            out[f"{prefix}{name}.{slot}.weight"] = value.detach().contiguous().cpu()
+            out[f"{prefix}{name}.{slot}"] = value.detach().contiguous().cpu()
     return out
 
 

@@ -141,6 +141,7 @@ def profile_settings(profile: Profile) -> dict[str, Any]:
         "batch_size": train.batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
         "rank": profile.lora.rank,
+        "use_dora": profile.lora.use_dora,
         "target_modules": list(profile.lora.target_modules),
         "mixed_precision": train.mixed_precision,
         "optimizer": optimizer_name(profile),

@@ -41,7 +41,8 @@ def _training_rows(profile: Any, run: RunSummary) -> list[tuple[str, Any]]:
         ("profile", f"`{profile.name}` (resolved in `profile.toml`)"),
         (
             "LoRA",
-            f"rank {profile.lora.rank}, alpha {profile.lora.alpha:g}, "
+            ("DoRA (weight-decomposed), " if profile.lora.use_dora else "")
+            + f"rank {profile.lora.rank}, alpha {profile.lora.alpha:g}, "
             f"targets {', '.join(profile.lora.target_modules)}",
         ),
         ("steps", f"{run.steps} optimizer updates ({run.epochs_seen} epoch(s) seen)"),

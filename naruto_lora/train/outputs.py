@@ -153,6 +153,7 @@ def weights_metadata(profile: Any, steps: int) -> dict[str, str]:
         "resolution": str(profile.data.resolution),
         "steps": str(steps),
         "target_modules": ",".join(profile.lora.target_modules),
+        "use_dora": str(profile.lora.use_dora).lower(),
         "naruto_lora_version": _version(),
     }
 
