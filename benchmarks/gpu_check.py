@@ -5,7 +5,7 @@ directly on the GPU (no download, nothing written but the report).
     python benchmarks/gpu_check.py --out gpu-check/            # on a lent H100/H200: < 8 min
     python benchmarks/gpu_check.py --out /tmp/smoke --cpu-smoke  # the same code, tiny model, CPU
 
-For each of 14gb, 12gb and 8gb at their resolutions: steady-state seconds per optimizer update
+For each of 14gb, 12gb, 8gb and 6gb (int8 frozen base) at their resolutions: steady-state seconds per optimizer update
 (the median after warm-up updates) and images per second, ``torch.cuda.max_memory_allocated``
 and ``max_memory_reserved`` against the planner's predicted training-step peak, the UNet FLOPs per
 update (counted by the planner) as achieved TFLOP/s and a fraction of the card's dense bf16 peak.
@@ -50,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Clock, device_peak_tflops, machine  # noqa: E402
 
-PROFILES = ("14gb", "12gb", "8gb")
+PROFILES = ("14gb", "12gb", "8gb", "6gb")
 SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
 JSON_NAME, MARKDOWN_NAME = "gpu_check.json", "gpu_check.md"
 
@@ -81,7 +81,7 @@ def other_precision(profile_name: str) -> str:
 def plan_cases(args: argparse.Namespace) -> list[Case]:
     """Profiles first (the headline), then the precision paths, then the variants, compile last
     (its compilation takes the longest)."""
-    cases = [Case(name, "profile", name) for name in args.profiles]
+    cases = [profile_case(name, args) for name in args.profiles]
     path = args.path_profile
     cases += [
         Case("fp16 + grad scaler", "path", path, ['train.mixed_precision="fp16"'], needs=["cuda"]),
@@ -95,26 +95,30 @@ def plan_cases(args: argparse.Namespace) -> list[Case]:
         ),
     ]
     base = args.variant_profile
+    base_case = profile_case(base, args)
     if base not in args.profiles:
-        cases.append(Case(base, "profile", base))
+        cases.append(base_case)
+    own = base_case.settings  # e.g. AdamW where 8-bit AdamW cannot run
     variants = [
-        Case(f"{base} + channels_last", "variant", base, ["plugins.channels_last.enabled=true"]),
+        Case(
+            f"{base} + channels_last", "variant", base, [*own, "plugins.channels_last.enabled=true"]
+        ),
         *(
             Case(
                 f"{base} + sdpa {kernel}",
                 "variant",
                 base,
-                sdpa_settings(kernel),
+                [*own, *sdpa_settings(kernel)],
                 needs=[f"sdpa:{kernel}"],
             )
             for kernel in SDPA_KERNELS
         ),
-        Case(f"{base} + sdpa auto", "variant", base, sdpa_settings("auto")),
+        Case(f"{base} + sdpa auto", "variant", base, [*own, *sdpa_settings("auto")]),
         Case(
             f"{base} + {other_precision(base)}",
             "variant",
             base,
-            [f'train.mixed_precision="{other_precision(base)}"'],
+            [*own, f'train.mixed_precision="{other_precision(base)}"'],
             needs=["cuda"],
         ),
         Case(
@@ -128,14 +132,31 @@ def plan_cases(args: argparse.Namespace) -> list[Case]:
             f"{base} + compile",
             "variant",
             base,
-            ["plugins.compile.enabled=true"],
+            [*own, "plugins.compile.enabled=true"],
             needs=["gpu-time"],
             min_budget_s=150.0,
         ),
     ]
     for variant in variants:
-        variant.baseline = base
+        variant.baseline = base_case.label
     return cases + variants
+
+
+def profile_case(name: str, args: argparse.Namespace) -> Case:
+    """A shipped profile as it is; one that uses 8-bit AdamW runs with AdamW where bitsandbytes
+    cannot (the CPU smoke mode, or not installed), saying so in its label."""
+    import importlib.util
+
+    from naruto_lora.plugins.manager import load_profile
+
+    profile = load_profile(name)
+    needs = ["torchao"] if profile.model.base_weights != "full" else []
+    if "adamw8bit" in profile.enabled_plugins() and (
+        args.cpu_smoke or importlib.util.find_spec("bitsandbytes") is None
+    ):
+        return Case(f"{name} (AdamW, not 8-bit)", "profile", name,
+                    ["plugins.adamw8bit.enabled=false"], needs=needs)  # fmt: skip
+    return Case(name, "profile", name, needs=needs)
 
 
 def base_settings(args: argparse.Namespace, out_dir: Path) -> list[str]:
@@ -165,6 +186,8 @@ def missing_needs(case: Case, device: torch.device, args: argparse.Namespace) ->
             return "needs a CUDA GPU"
         if need == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
             return "bitsandbytes is not installed"
+        if need == "torchao" and importlib.util.find_spec("torchao") is None:
+            return "torchao is not installed (pip install 'naruto-lora[quantize]')"
         if need == "gpu-time" and args.cpu_smoke:
             return "compiling takes minutes on a CPU; GPU runs only"
         if need.startswith("sdpa:"):
@@ -213,7 +236,7 @@ class Predictions:
         self.pool = None
         self.futures: dict[str, Any] = {}
         self.done: dict[str, dict[str, Any]] = {}
-        self.todo = [(c.profile, c.profile) for c in cases if c.kind == "profile"]
+        self.todo = {c.label: (c.profile, c.settings) for c in cases if c.kind == "profile"}
         self.settings = settings
         if jobs > 0:
             import concurrent.futures
@@ -223,8 +246,8 @@ class Predictions:
                 max_workers=min(jobs, len(self.todo)) or 1,
                 mp_context=multiprocessing.get_context("spawn"),  # before CUDA is touched
             )
-            for label, profile in self.todo:
-                self.futures[label] = self.pool.submit(predict, profile, settings)
+            for label, (profile, own) in self.todo.items():
+                self.futures[label] = self.pool.submit(predict, profile, [*settings, *own])
 
     def get(self, label: str) -> dict[str, Any]:
         if label not in self.done:
@@ -232,7 +255,8 @@ class Predictions:
                 if label in self.futures:
                     self.done[label] = self.futures[label].result()
                 else:
-                    self.done[label] = predict(label, self.settings)
+                    profile, own = self.todo.get(label, (label, []))
+                    self.done[label] = predict(profile, [*self.settings, *own])
             except Exception as exc:  # a planner failure must not lose the measurements
                 self.done[label] = {"planner_error": f"{type(exc).__name__}: {exc}"}
         return self.done[label]

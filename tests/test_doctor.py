@@ -27,7 +27,7 @@ from naruto_lora.doctor.facts import AssetFacts, CudaFacts, DiskFacts, Facts, Gp
 from naruto_lora.plugins.manager import load_profile
 from tests.conftest import invoke
 
-GPU_PROFILES = ("8gb", "12gb", "14gb")  # lightest first
+GPU_PROFILES = ("6gb", "8gb", "12gb", "14gb")  # lightest first
 
 # The reference decision matrix, by the size a card is sold as (GB).
 MATRIX = {
@@ -38,7 +38,9 @@ MATRIX = {
     10: ("12gb", "ok"),
     9: ("8gb", "ok"),
     8: ("8gb", "ok"),
-    6: ("tiny", "not_recommended"),
+    7: ("6gb", "ok"),
+    6: ("6gb", "ok"),
+    5: ("tiny", "not_recommended"),
     4: ("tiny", "not_recommended"),
 }
 # What torch reports (GiB) for real cards of those sizes, from their out-of-memory messages.
@@ -156,7 +158,9 @@ def test_real_cards_count_as_the_size_they_are_sold_as(card: str) -> None:
     (11.4, "12gb", "ok"),  # 11 GB
     (9.4, "8gb", "ok"),  # 9 GB
     (7.6, "8gb", "ok"),  # an 8 GB card reporting 7.6 GiB
-    (7.4, "tiny", "not_recommended"),  # 7 GB
+    (7.4, "6gb", "ok"),  # 7 GB
+    (5.79, "6gb", "ok"),  # a 6 GB card
+    (5.4, "tiny", "not_recommended"),  # 5 GB
 ])  # fmt: skip
 def test_matrix_edges(reported: float, profile: str, level: str) -> None:
     rec = recommend_profile(reported)

@@ -54,6 +54,15 @@ def test_smoke_runs_every_profile_with_the_planner_beside_it(smoke) -> None:
     ranks = [by[n]["result"]["lora_parameters"] for n in ("14gb", "12gb", "8gb")]
     assert ranks[0] == 2 * ranks[1] == 4 * ranks[2]
     assert "ema" in by["12gb"]["result"]["plugins"] and "ema" not in by["14gb"]["result"]["plugins"]
+    # 6gb: the int8 base, with AdamW where 8-bit AdamW cannot run (the CPU), said in its label
+    six = by["6gb (AdamW, not 8-bit)"]["result"]
+    assert six["finite"] and six["updates_skipped"] == 0
+    assert six["lora_parameters"] == six["planned_lora_parameters"] == ranks[0]  # rank 16
+    assert (
+        0
+        < six["predicted_split_gib"]["weights"]
+        < by["14gb"]["result"]["predicted_split_gib"]["weights"]
+    )
 
 
 def test_smoke_variants_train_the_same_model_with_the_kernel_asked_for(smoke) -> None:

@@ -399,6 +399,13 @@ OPTIONS = {
         ["lora.use_dora=true", 'lora.target_modules=["to_q", "to_v", "conv1", "conv2"]'],
         [],
     ),
+    # the frozen base in 8 bits: trained on it, evaluated and exported on the full-precision base
+    "int8_base": ([], ['model.base_weights="int8"'], []),
+    "fp8_base_locon": (
+        [],
+        ['model.base_weights="fp8"', 'lora.target_modules=["to_q", "to_v", "conv1"]'],
+        [],
+    ),
     "smooth_l1_exponential": (
         ["huber_loss"],
         ['plugins.huber_loss.loss_type="smooth_l1"', 'plugins.huber_loss.schedule="exponential"'],
@@ -481,3 +488,23 @@ def test_option_trains_resumes_and_exports(
     assert lora_layers(from_export.unet) == training_modules(result.output_dir)
     from_export.fuse_lora(components=["unet"])
     assert_close(unet_output(from_export.unet), unet_output(reference.unet), rel=1e-5)
+
+
+def test_prodigy_without_prodigyopt_is_a_clear_error(cli_runner, tmp_path: Path, monkeypatch):
+    """Without the optional extra: exit 2, the package and the install command named."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_prodigyopt(name, *args, **kwargs):
+        if name == "prodigyopt" or name.startswith("prodigyopt."):
+            raise ImportError("No module named 'prodigyopt'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_prodigyopt)
+    args = cli_args(tmp_path / "c", tmp_path / "o", "train.learning_rate=1.0")
+    result = invoke(cli_runner, [*args, "--enable", "prodigy"])
+    assert result.exit_code == 2, result.output
+    assert "prodigyopt" in result.output and "naruto-lora[prodigy]" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o" / WEIGHT_NAME).exists()

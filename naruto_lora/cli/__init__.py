@@ -33,6 +33,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     Try it on a CPU with the built-in tiny model: nlora demo
     """
+    from naruto_lora.util.console import quiet_torchao_logs
+
+    quiet_torchao_logs()
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 

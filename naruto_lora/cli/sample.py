@@ -100,6 +100,13 @@ def quiet_loading() -> None:
     show_default=True,
     help="auto: fp16 on a GPU, fp32 on the CPU.",
 )
+@click.option(
+    "--base-weights",
+    type=click.Choice(["full", "int8", "fp8"]),
+    default=None,
+    help="Store the base UNet and text encoders in 8 bits (the LoRA stays attached in full "
+    "precision). Default: the profile's model.base_weights.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace images already at the output paths.")
 @profile_options
 @click.pass_context
@@ -122,6 +129,7 @@ def sample_cmd(
     low_vram: bool,
     dtype_name: str,
     overwrite: bool,
+    base_weights: str | None,
     **kwargs: Any,
 ) -> None:
     """Generate images with a trained LoRA.
@@ -158,6 +166,7 @@ def sample_cmd(
         low_vram=low_vram,
         dtype_name=dtype_name,
         overwrite=overwrite,
+        base_weights=base_weights,
     )
     what = "grid" if compare else "image"
     console.print(f"[green]Wrote {len(paths)} {what}{'s' if len(paths) != 1 else ''}:[/]")

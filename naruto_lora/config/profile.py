@@ -48,6 +48,10 @@ class ModelConfig:
     vae: str = DEFAULT_VAE
     revision: str = ""
     variant: str = ""
+    # The frozen base's storage: "full" (the training dtype), or "int8" / "fp8": one byte per
+    # weight with a scale per output channel (UNet, and text encoders kept resident), computed in
+    # the training dtype; the LoRA stays full precision (naruto_lora.models.quantize).
+    base_weights: str = "full"
 
 
 @dataclass(frozen=True)
@@ -536,6 +540,11 @@ _VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
         '"" (captions as they are) or a text with {caption} in it, e.g. "{caption}, naruto style"',
     ),
     ("model.pretrained", bool, "a hub id or a local folder"),
+    (
+        "model.base_weights",
+        lambda v: v in ("full", "int8", "fp8"),
+        '"full" (the training dtype), "int8" or "fp8"',
+    ),
     ("cache.shard_items", lambda v: v >= 1, "at least 1"),
     ("lora.rank", lambda v: v >= 1, "at least 1"),
     ("lora.alpha", lambda v: v > 0, "positive"),

@@ -67,7 +67,8 @@ def recommend_profile(largest_vram_gib: float | None) -> Recommendation:
 
     16 GB and up -> 14gb; 12 GB -> 14gb with a warning (12gb is safer); 10-11 GB -> 12gb;
     8-9 GB -> 8gb (the matrix's "12gb or 8gb" for 8-11 GB, split where 12gb's 768 px stops
-    fitting); under 8 GB or none -> not recommended, with ``tiny`` offered as a CPU trial.
+    fitting); 6-7 GB -> 6gb (1024 px on an int8 base, beyond the reference matrix); under 6 GB
+    or none -> not recommended, with ``tiny`` offered as a CPU trial.
     """
     if largest_vram_gib is None:
         return Recommendation(
@@ -95,10 +96,17 @@ def recommend_profile(largest_vram_gib: float | None) -> Recommendation:
         )
     if card >= 8:
         return Recommendation("8gb", "ok", f"{size}: 8gb (512 px, rank 4).")
+    if card >= 6:
+        return Recommendation(
+            "6gb",
+            "ok",
+            f"{size}: 6gb (1024 px, rank 16 on an int8 frozen base, 8-bit AdamW; needs "
+            "pip install 'naruto-lora[quantize,bnb]').",
+        )
     return Recommendation(
         CPU_TRIAL_PROFILE,
         "not_recommended",
-        f"{size} is under 8 GB: training SDXL is not recommended. Try the whole "
+        f"{size} is under 6 GB: training SDXL is not recommended. Try the whole "
         "pipeline on CPU with the built-in tiny model: --profile tiny.",
     )
 
@@ -124,6 +132,9 @@ _RECIPES = (
     ("12gb", 768, 8, "disk", 10.0, 10.0),
     ("14gb", 1024, 16, "memory", 16.0, 12.0),
 )
+# The 6gb recipe (an int8 frozen base: model.base_weights), the basis for any 8-bit base; its
+# planner prediction is 4.7 GiB with the CUDA context (benchmarks/RESULTS.md), on a 6 GB card.
+_QUANTIZED_RECIPE = ("6gb", 1024, 16, "disk", 6.0, 6.0)
 # SDXL-size constants for adjusting a recipe (what a config would say; the model may not be here):
 _TEXT_ENCODERS_GIB = 1.5  # CLIP ViT-L + OpenCLIP ViT-bigG, ~818M parameters in fp16
 _LORA_GIB_PER_RANK = 0.022  # ~1.45M attention-LoRA parameters per rank, fp32 weight+grad+Adam
@@ -141,8 +152,10 @@ def estimated_vram_gib(profile: Profile) -> VramEstimate:
     if profile.model.pretrained.startswith("nlora:"):
         return VramEstimate(1.0, 1.0, "built-in tiny model: well under 1 GB")
     resolution = profile.data.resolution
-    _, base_res, rank, text, need, minimum = next(
-        (r for r in _RECIPES if r[1] >= resolution), _RECIPES[-1]
+    _, base_res, rank, text, need, minimum = (
+        _QUANTIZED_RECIPE
+        if profile.model.base_weights != "full"
+        else next((r for r in _RECIPES if r[1] >= resolution), _RECIPES[-1])
     )
     megapixels = resolution**2 / 2**20
     extra = (profile.lora.rank - rank) * _LORA_GIB_PER_RANK
@@ -183,7 +196,7 @@ def runs_on_cpu(profile: Profile) -> bool:
 
 def _fitting_recipe(card: float) -> str:
     """The heaviest shipped recipe that runs with headroom on a card of ``card`` GB."""
-    fitting = [name for name, *_, need, _minimum in _RECIPES if need <= card]
+    fitting = [name for name, *_, need, _minimum in (_QUANTIZED_RECIPE, *_RECIPES) if need <= card]
     return f"--profile {fitting[-1]}" if fitting else f"--profile {CPU_TRIAL_PROFILE} on CPU"
 
 

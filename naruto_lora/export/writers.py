@@ -224,6 +224,9 @@ def export_metadata(
         "profile": _training_value(weights, "profile") or (profile.name if profile else ""),
         "training_seconds": _training_value(weights, "training_seconds") or "",
         "modules": str(len(weights.modules)),
+        # the frozen base's storage while training ("int8"/"fp8": a quantized base); the file is
+        # a normal LoRA for the full-precision base either way
+        "trained_base_weights": _training_value(weights, "base_weights") or "full",
         "source": f"{weights.path.parent.name}/{weights.path.name}",  # no home folders in shared files
         "format": fmt,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now)),

@@ -4,6 +4,7 @@ tests' reference run). Every storage is labelled for the report."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -61,11 +62,15 @@ def build_text_encoders(
     fake: bool,
 ) -> Any:
     from naruto_lora.models.loading import TextEncoders, load_text_encoders
+    from naruto_lora.train.setup import quantize_text_encoders
 
     if not fake:
         text = load_text_encoders(profile.model, dtype)
+        quantize_text_encoders(text, profile)
     else:
         encoders = meta_text_encoders(configs, dtype)
+        with on_meta():
+            quantize_text_encoders(SimpleNamespace(encoders=encoders), profile)
         with tracker.labelled(TEXT_ENCODERS):
             for encoder in encoders:
                 materialise(encoder)

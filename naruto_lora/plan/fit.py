@@ -1,8 +1,9 @@
 """``nlora plan --fit GB``: the fastest configuration of a profile predicted to fit a card.
 
 The search varies the profile's memory options: resolution, LoRA rank, gradient checkpointing,
-where text embeddings come from, where plugin state lives (a plugin whose config has a
-``device`` that can be ``"cpu"``, e.g. EMA), the 8-bit optimizer, validation samples (and
+the frozen base's storage (``model.base_weights``: full or int8), where text embeddings come
+from, where plugin state lives (a plugin whose config has a ``device`` that can be ``"cpu"``,
+e.g. EMA), the 8-bit optimizer, validation samples (and
 decoding them in tiles, the ``vae_tiling`` plugin), and the split of the effective batch into
 micro-batch x accumulation (the product is kept).
 
@@ -16,7 +17,8 @@ How it decides:
 3. Keep the combinations predicted to fit with the same margin ``nlora plan`` uses. Quality
    first: the highest resolution, then the highest rank, then keeping validation samples; among
    those the fastest by a FLOP-count time model; ties go to the fewest changes.
-4. Confirm the winner with a full planner run of it; if it does not fit after all, try the next.
+4. Confirm the winner with a full planner run of it; if it does not fit after all, scale the
+   model's predictions by how far off it was and try the next that still fits.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ CPU_ELEMENTS_PER_S = 1e9  # the CPU's update of that state
 BATCH_EFFICIENCY = {1: 1.0, 2: 0.93}
 LARGE_BATCH_EFFICIENCY = 0.9
 OPTIMIZER_8BIT_COST = 1.01  # its (de)quantisation; a tie-breaker toward plain AdamW
+QUANTIZED_BASE_COST = 1.05  # dequantizing each layer's weights as it runs (assumed)
+EIGHT_BIT_BASE = "int8"  # the 8-bit base the search tries (int8 keeps more precision than fp8)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class Candidate:
     accumulation: int
     validation: bool
     tiled_decode: bool = False
+    base_weights: str = "full"
 
     def assignments(self, base: Profile) -> dict[str, Any]:
         """Profile keys -> values for this candidate (every searched key)."""
@@ -79,6 +84,7 @@ class Candidate:
             "cache.text": self.text,
             "train.batch_size": self.batch_size,
             "train.gradient_accumulation_steps": self.accumulation,
+            "model.base_weights": self.base_weights,
         }
         if role_plugin(CHECKPOINTING_ROLE) in base.plugins:
             values[f"plugins.{role_plugin(CHECKPOINTING_ROLE)}.enabled"] = self.checkpointing
@@ -159,7 +165,10 @@ def candidates(profile: Profile) -> Iterator[Candidate]:
     validation = [True, False] if profile.validation.every_steps > 0 else [False]
     tiled = _tiled(profile)
     tilings = [tiled] if tiled or role_plugin(TILING_ROLE) not in profile.plugins else [False, True]
-    for res, rank, ckpt, text, devs, opt, (batch, accum), val, tile in itertools.product(
+    bases = [profile.model.base_weights]
+    if bases[0] == "full" and _quantization_available():
+        bases.append(EIGHT_BIT_BASE)
+    for res, rank, ckpt, text, devs, opt, (batch, accum), val, tile, base in itertools.product(
         resolutions,
         ranks,
         checkpointing,
@@ -169,10 +178,17 @@ def candidates(profile: Profile) -> Iterator[Candidate]:
         batch_splits(profile),
         validation,
         tilings,
+        bases,
     ):
         if tile and not val:
             continue  # tiles only matter for validation samples
-        yield Candidate(res, rank, ckpt, text, tuple(devs), opt, batch, accum, val, tile)
+        yield Candidate(res, rank, ckpt, text, tuple(devs), opt, batch, accum, val, tile, base)
+
+
+def _quantization_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchao") is not None
 
 
 @functools.cache
@@ -263,6 +279,21 @@ class MemoryModel:
     validation_activations: int
     flops_per_image: dict[bool, float]
     text_flops_per_image: float
+    # What an 8-bit base saves: (bytes per weight in the training dtype - 1) x the Linear and
+    # Conv2d weights, for the UNet and the text encoders.
+    unet_8bit_saving: int = 0
+    text_8bit_saving: int = 0
+
+    def weights_for(self, kind: str) -> float:
+        return self.weights - self._saving(kind, self.unet_8bit_saving)
+
+    def text_encoders_for(self, kind: str) -> float:
+        return self.text_encoders - self._saving(kind, self.text_8bit_saving)
+
+    def _saving(self, kind: str, saving: int) -> float:
+        """Bytes to subtract from the measured size (at the base profile's kind) for ``kind``."""
+        measured_8bit = self.base.model.base_weights != "full"
+        return (kind != "full") * saving - measured_8bit * saving
 
     def lora_params(self, rank: int) -> float:
         return self.lora_per_rank * rank
@@ -279,7 +310,9 @@ class MemoryModel:
 
     def peak_bytes(self, c: Candidate) -> float:
         scale = (c.resolution / self.base.data.resolution) ** 2
-        resident = self.weights + (self.text_encoders if c.text == "memory" else 0)
+        resident = self.weights_for(c.base_weights) + (
+            self.text_encoders_for(c.base_weights) if c.text == "memory" else 0
+        )
         if c.validation or not self.base.cache.latents:
             resident += self.vae
         batch_scale = c.batch_size / self.base.train.batch_size
@@ -315,6 +348,8 @@ class MemoryModel:
         for name, device in c.plugin_devices:
             if device == "cpu" and name in self.plugin_bytes_per_param:
                 seconds += 4 * n / PCIE_BYTES_PER_S + n / CPU_ELEMENTS_PER_S
+        if c.base_weights != "full":
+            seconds *= QUANTIZED_BASE_COST
         return seconds * (
             OPTIMIZER_8BIT_COST if c.optimizer == role_plugin(EIGHT_BIT_ROLE) else 1.0
         )
@@ -333,6 +368,7 @@ def current_candidate(profile: Profile) -> Candidate:
         profile.train.gradient_accumulation_steps,
         profile.validation.every_steps > 0,
         profile.validation.every_steps > 0 and _tiled(profile),
+        profile.model.base_weights,
     )
 
 
@@ -350,6 +386,7 @@ def build_model(base: Profile, plans: dict[bool, Plan], configs: Any) -> MemoryM
             plugin_bytes[label[len(PLUGIN_PREFIX) :]] = size / n
     validation = first.validation.split.get("activations", 0) if first.validation else 0
     text_bytes, text_params = _text_encoder_size(base, configs)
+    unet_saving, text_saving = _eight_bit_savings(base, configs)
     return MemoryModel(
         base=base,
         weights=first.training.split["weights"],
@@ -364,7 +401,36 @@ def build_model(base: Profile, plans: dict[bool, Plan], configs: Any) -> MemoryM
         },
         # A transformer forward: 2 FLOPs per parameter per token.
         text_flops_per_image=2.0 * text_params * 77,
+        unet_8bit_saving=unet_saving,
+        text_8bit_saving=text_saving,
     )
+
+
+def _eight_bit_savings(profile: Profile, configs: Any) -> tuple[int, int]:
+    """Bytes an 8-bit base saves on the UNet (Linear and Conv2d weights; the LoRA's conv targets
+    stay as they are) and on the text encoders (their Linear weights)."""
+    import torch
+
+    from naruto_lora.lora.inject import targeted_modules
+    from naruto_lora.plan.core import SimTarget, weight_dtype_for
+    from naruto_lora.plan.models import meta_text_encoders, meta_unet
+
+    dtype, _ = weight_dtype_for(profile, SimTarget())
+    per_weight = torch.empty((), dtype=dtype).element_size() - 1
+    unet = meta_unet(configs, dtype)
+    kept = set(targeted_modules(unet, profile.lora.target_modules))
+    unet_numel = sum(
+        m.weight.numel()
+        for n, m in unet.named_modules()
+        if type(m) is torch.nn.Linear or (type(m) is torch.nn.Conv2d and n not in kept)
+    )
+    text_numel = sum(
+        m.weight.numel()
+        for e in meta_text_encoders(configs, dtype)
+        for m in e.modules()
+        if type(m) is torch.nn.Linear
+    )
+    return unet_numel * per_weight, text_numel * per_weight
 
 
 def _text_encoder_size(profile: Profile, configs: Any) -> tuple[int, int]:
@@ -415,7 +481,14 @@ def _quality_then_speed(model: MemoryModel, current: Candidate) -> Callable[[Can
             a != b
             for a, b in zip(dataclasses.astuple(c), dataclasses.astuple(current), strict=True)
         )
-        return (-c.resolution, -c.rank, not c.validation, round(model.step_seconds(c), 6), changes)
+        return (
+            -c.resolution,
+            -c.rank,
+            not c.validation,
+            c.base_weights != "full",  # full precision when it fits as well
+            round(model.step_seconds(c), 6),
+            changes,
+        )
 
     return key
 
@@ -463,7 +536,10 @@ def fit_profile(
         (c for c in every if memory.need_gib(c) <= budget), key=_quality_then_speed(memory, current)
     )
     rejected: list[tuple[dict[str, Any], float]] = []
-    for choice in fitting[:CONFIRMATIONS]:
+    correction = 1.0  # confirmed / predicted need of the candidates that did not fit
+    queue = list(fitting)
+    while queue and len(rejected) < CONFIRMATIONS:
+        choice = queue.pop(0)
         chosen = profile_with(profile, choice.assignments(profile))
         if on_phase is not None:
             on_phase(f"confirming {len(rejected) + 1}")
@@ -482,6 +558,10 @@ def fit_profile(
                 rejected,
             )
         rejected.append((changed_keys(profile, chosen), plan.need_gib))
+        # The model was optimistic: scale what it says for the rest by what the planner found,
+        # so the next confirmation is spent on a candidate that can still fit.
+        correction = max(correction, plan.need_gib / memory.need_gib(choice))
+        queue = [c for c in queue if memory.need_gib(c) * correction <= budget]
     smallest = min(every, key=memory.need_gib)
     raise UserError(
         f"No configuration of profile '{profile.name}' is predicted to fit a {card_gb:g} GB card "
@@ -491,7 +571,9 @@ def fit_profile(
         + (f" and {len(rejected)} confirmed candidates did not fit" if rejected else "")
         + ".",
         hint="The UNet weights alone need "
-        f"{memory.weights / GIB:.1f} GiB; a card this small cannot train this model.",
+        f"{min(memory.weights_for(c.base_weights) for c in every) / GIB:.1f} GiB"
+        + (" even in 8 bits" if any(c.base_weights != "full" for c in every) else "")
+        + "; a card this small cannot train this model.",
     )
 
 

@@ -38,6 +38,15 @@ GIB = 1024**3
 HOST_PREFIX = "host:"
 
 
+def _wraps(tensor: torch.Tensor) -> bool:
+    return hasattr(type(tensor), "__tensor_flatten__") and hasattr(tensor, "tensor_data_names")
+
+
+def _inner_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    names, _ = tensor.__tensor_flatten__()
+    return [getattr(tensor, name) for name in names]
+
+
 def _rounded(nbytes: int, block: int) -> int:
     return -(-nbytes // block) * block if block > 1 else nbytes
 
@@ -95,7 +104,12 @@ class AllocationTracker(TorchDispatchMode):
         self._remove(info[0], info[1])
 
     def track(self, tensor: torch.Tensor) -> None:
-        """Count ``tensor``'s storage if it is new (or grew)."""
+        """Count ``tensor``'s storage if it is new (or grew); a tensor subclass that wraps others
+        (torchao's quantized weights) by the storages of the tensors inside."""
+        if _wraps(tensor):
+            for inner in _inner_tensors(tensor):
+                self.track(inner)
+            return
         if tensor.layout != torch.strided or tensor.device.type == "meta":
             return
         storage = tensor.untyped_storage()
@@ -121,6 +135,9 @@ class AllocationTracker(TorchDispatchMode):
         """Move the storages of ``tensors`` (tracking them first if needed) to ``label``."""
         for tensor in tensors:
             if tensor is None:
+                continue
+            if _wraps(tensor):
+                self.relabel(_inner_tensors(tensor), label)
                 continue
             self.track(tensor)
             info = self._info.get(tensor.untyped_storage())

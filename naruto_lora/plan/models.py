@@ -205,8 +205,23 @@ def meta_vae(configs: ModelConfigs, dtype: torch.dtype) -> Any:
 
 
 def materialise(module: torch.nn.Module) -> torch.nn.Module:
-    """Give a meta module storage: fake tensors under an active ``FakeTensorMode``."""
-    return module.to_empty(device="cpu")
+    """Give a meta module storage: fake tensors under an active ``FakeTensorMode``.
+
+    A quantized weight (a torchao tensor subclass, ``model.base_weights``) has no ``empty_like``:
+    it is rebuilt from empty copies of its inner tensors (the int8 values and their scales)."""
+    subclassed = []
+    for owner in module.modules():
+        for name, param in list(owner.named_parameters(recurse=False)):
+            if hasattr(param, "__tensor_flatten__") and type(param.data) is not torch.Tensor:
+                subclassed.append((owner, name, param.data))
+                delattr(owner, name)
+    module.to_empty(device="cpu")
+    for owner, name, data in subclassed:
+        inner_names, context = data.__tensor_flatten__()
+        inner = {n: torch.empty_like(getattr(data, n), device="cpu") for n in inner_names}
+        rebuilt = type(data).__tensor_unflatten__(inner, context, data.size(), data.stride())
+        owner.register_parameter(name, torch.nn.Parameter(rebuilt, requires_grad=False))
+    return module
 
 
 def noise_scheduler(configs: ModelConfigs) -> Any:

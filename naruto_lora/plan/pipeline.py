@@ -24,6 +24,7 @@ from naruto_lora.plan.models import (
     meta_text_encoders,
     meta_unet,
     meta_vae,
+    on_meta,
     quiet_libraries,
 )
 
@@ -138,6 +139,17 @@ def sampling_pipeline(
 
     unet, vae = meta_unet(configs, dtype), meta_vae(configs, dtype)
     encoders = meta_text_encoders(configs, dtype)
+    kind = profile.model.base_weights
+    if kind != "full" and streamed is None:  # as nlora sample: not with --low-vram
+        from naruto_lora.lora.inject import targeted_modules
+        from naruto_lora.models.quantize import quantize_frozen
+
+        targets = targeted_modules(unet, profile.lora.target_modules)
+        keep = [n for n, m in targets.items() if isinstance(m, torch.nn.Conv2d)]
+        with on_meta():
+            quantize_frozen(unet, kind, keep=keep)
+            for encoder in encoders:
+                quantize_frozen(encoder, kind, convolutions=False)
     for module, label in ((unet, WEIGHTS), (vae, VAE), *((e, TEXT_ENCODERS) for e in encoders)):
         with tracker.labelled(streamed or label):
             materialise(module)

@@ -35,7 +35,7 @@ from naruto_lora.plan.memtrack import GIB
 from naruto_lora.plan.models import ModelConfigs, load_model_configs
 from naruto_lora.plugins.manager import optimizer_name
 
-PLANNER_VERSION = 2  # 2: one steady-state traced step
+PLANNER_VERSION = 3  # 2: one steady-state traced step; 3: quantized base weights
 CUDA_CONTEXT_GIB = 0.5
 ALLOCATOR_OVERHEAD = 0.10
 # A card sold as N GB reports N minus 0.2-0.35 GiB to torch (8 GB: 7.79, 12 GB: 11.76, 24 GB:

@@ -132,9 +132,11 @@ def set_scheduler(pipe: Any, name: str) -> None:
 def attach_lora(pipe: Any, weights: LoraWeights) -> None:
     """Add the LoRA to the UNet unfused (for scale sweeps); checks it fits first."""
     from naruto_lora.lora.weights import check_fits, load_into_unet
+    from naruto_lora.models.quantize import quiet_peft_torchao
 
     check_fits(weights, pipe.unet)
-    load_into_unet(pipe.unet, weights, ADAPTER)
+    with quiet_peft_torchao():
+        load_into_unet(pipe.unet, weights, ADAPTER)
 
 
 def fuse_lora(pipe: Any, weights: LoraWeights, scale: float) -> None:
@@ -143,6 +145,27 @@ def fuse_lora(pipe: Any, weights: LoraWeights, scale: float) -> None:
     attach_lora(pipe, weights)
     pipe.unet.fuse_lora(lora_scale=scale, adapter_names=[ADAPTER])
     pipe.unet.unload_lora()
+
+
+def conv_modules(weights: LoraWeights, unet: Any) -> list[str]:
+    """The Conv2d layers a LoRA names (kept in full precision when the base is quantized)."""
+    import torch
+
+    layers = dict(unet.named_modules())
+    return [n for n in weights.modules if isinstance(layers.get(n), torch.nn.Conv2d)]
+
+
+def quantize_pipeline(pipe: Any, kind: str, keep: Sequence[str] = ()) -> list[str]:
+    """``model.base_weights`` for sampling: the UNet and both text encoders in 8 bits."""
+    from naruto_lora.models.quantize import describe_quantized, quantize_frozen
+
+    lines = [describe_quantized("UNet", quantize_frozen(pipe.unet, kind, keep=keep))]
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        if encoder is not None:
+            summary = quantize_frozen(encoder, kind, convolutions=False)
+            lines.append(describe_quantized(name.replace("_", " "), summary))
+    return lines
 
 
 def set_lora_scale(pipe: Any, scale: float) -> None:
@@ -422,6 +445,7 @@ def sample(
     low_vram: bool = False,
     dtype_name: str = "auto",
     overwrite: bool = False,
+    base_weights: str | None = None,
 ) -> list[Path]:
     """Load the base pipeline and the LoRA, then write the images (or comparison grids).
     Images already at their paths are only replaced with ``overwrite``."""
@@ -444,7 +468,21 @@ def sample(
     set_scheduler(pipe, options.scheduler)
     model = model_cfg.pretrained + (f" + VAE {model_cfg.vae}" if model_cfg.vae else "")
     sampler = Sampler(pipe=pipe, model=model, lora=weights)
-    if compare:
+    kind = base_weights or getattr(model_cfg, "base_weights", "full")
+    if kind != "full" and low_vram:
+        console.print(
+            f"[yellow]note:[/] --low-vram streams the weights layer by layer: the base stays in "
+            f"{str(dtype).removeprefix('torch.')} (base weights {kind} ignored)"
+        )
+        kind = "full"
+    if kind != "full":
+        # A LoRA cannot be fused into 8-bit weights: it stays attached, at the scale asked.
+        for line in quantize_pipeline(pipe, kind, keep=conv_modules(weights, pipe.unet)):
+            console.print(line)
+        attach_lora(pipe, weights)
+        if not compare:
+            set_lora_scale(pipe, scale)
+    elif compare:
         attach_lora(pipe, weights)
     else:
         fuse_lora(pipe, weights, scale)

@@ -36,6 +36,17 @@ def _training_rows(profile: Any, run: RunSummary) -> list[tuple[str, Any]]:
     loss = f"{run.final_loss:.4f}" if run.final_loss is not None else "n/a"
     return [
         ("base model", f"`{profile.model.pretrained}`"),
+        *(
+            [
+                (
+                    "base weights in training",
+                    f"{profile.model.base_weights} (quantized frozen base; "
+                    "the LoRA is a normal LoRA and loads on the full-precision base)",
+                )
+            ]
+            if profile.model.base_weights != "full"
+            else []
+        ),
         ("VAE", f"`{profile.model.vae}`" if profile.model.vae else "the model's own"),
         ("data", f"`{profile.data.source}`, {run.items} items at {profile.data.resolution} px"),
         ("profile", f"`{profile.name}` (resolved in `profile.toml`)"),

@@ -154,6 +154,7 @@ def weights_metadata(profile: Any, steps: int) -> dict[str, str]:
         "steps": str(steps),
         "target_modules": ",".join(profile.lora.target_modules),
         "use_dora": str(profile.lora.use_dora).lower(),
+        "base_weights": profile.model.base_weights,
         "naruto_lora_version": _version(),
     }
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from naruto_lora.config.profile import Profile, write_resolved
-from naruto_lora.lora.inject import inject_lora, trainable_parameters
+from naruto_lora.lora.inject import inject_lora, targeted_modules, trainable_parameters
 from naruto_lora.models.loading import (
     latent_scale,
     load_noise_scheduler,
@@ -25,6 +25,7 @@ from naruto_lora.models.loading import (
     load_vae,
     vae_is_fp16_safe,
 )
+from naruto_lora.models.quantize import describe_quantized, quantize_frozen, quiet_peft_torchao
 from naruto_lora.plugins.state import TrainState
 from naruto_lora.train.conditioning import Conditioner
 from naruto_lora.train.distributed import (
@@ -164,13 +165,36 @@ def make_trainable(
 
     set_seed(profile.train.seed)
     with building():
-        params = inject_lora(unet, profile.lora)
+        summary = quantize_base(unet, profile)
+        with quiet_peft_torchao():
+            params = inject_lora(unet, profile.lora)
+    if summary is not None and place is None:
+        console.print(describe_quantized("UNet", summary))
     if place is not None:
         place(unet)
         params = list(trainable_parameters(unet).values())  # placing makes new parameters
     pm.hook.nlora_prepare_unet(unet=unet, profile=profile, training=True)
     unet.train()
     return unet, params
+
+
+def quantize_base(unet: Any, profile: Profile) -> Any:
+    """``model.base_weights`` int8 / fp8: the frozen UNet in 8 bits before the LoRA goes in; the
+    convolutions the LoRA targets stay as they are. None for a full-precision base."""
+    kind = profile.model.base_weights
+    if kind == "full":
+        return None
+    targets = targeted_modules(unet, profile.lora.target_modules)
+    convs = [n for n, m in targets.items() if isinstance(m, torch.nn.Conv2d)]
+    return quantize_frozen(unet, kind, keep=convs)
+
+
+def quantize_text_encoders(text: Any, profile: Profile) -> None:
+    """The resident text encoders (text encoded each step) in 8 bits too."""
+    kind = profile.model.base_weights
+    if kind != "full":
+        for encoder in text.encoders:
+            quantize_frozen(encoder, kind, convolutions=False)
 
 
 def load_dataset(profile: Profile, options: TrainOptions, accelerator: Any) -> tuple[Any, int]:
@@ -242,6 +266,7 @@ def make_conditioner(
     conditioner = Conditioner(device=device, weight_dtype=weight_dtype, generator=generator)
     if profile.cache.text == "memory":
         conditioner.text_encoders = load_text_encoders(profile.model, weight_dtype)
+        quantize_text_encoders(conditioner.text_encoders, profile)
         for encoder in conditioner.text_encoders.encoders:
             encoder.to(device)
     if not profile.cache.latents:

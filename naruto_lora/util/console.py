@@ -55,3 +55,20 @@ def progress(unit: str = "it", *extra_columns) -> Progress:
         disable=disable,
         transient=not sys.stderr.isatty(),
     )
+
+
+# torchao's import logs a warning per CUDA kernel library it cannot load (all of them with a
+# CPU-only torch) and torch one per enum torchao registers; peft and diffusers import torchao
+# whenever it is installed, so the command line quiets these two loggers from the start.
+NOISY_LOGGERS = (
+    "torchao",
+    "torch.utils._pytree",
+    "diffusers.quantizers.torchao.torchao_quantizer",  # about torchao-serialized checkpoints
+)
+
+
+def quiet_torchao_logs() -> None:
+    import logging
+
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
