@@ -285,3 +285,25 @@ def test_6gb_plan_on_the_full_size_sdxl_architecture(monkeypatch, tmp_path) -> N
     assert plan.lora_parameters == 23_224_320
     assert plan.training.peak_bytes <= 4 * 2**30
     assert plan.need_gib < 5.5
+
+
+def test_resident_text_encoders_are_quantized_and_close(tmp_path) -> None:
+    """With text encoded every step (cache.text = "memory"), both encoders' Linear layers go to
+    int8 too; the conditioning stays close to the full-precision encoders'."""
+    from naruto_lora.models.loading import encode_prompts, load_text_encoders
+    from naruto_lora.train.setup import quantize_text_encoders
+
+    profile = load_profile(
+        "smoke", overrides=['model.pretrained="nlora:toy-base"', 'model.base_weights="int8"']
+    )
+    full = load_text_encoders(profile.model)
+    quantized = load_text_encoders(profile.model)
+    quantize_text_encoders(quantized, profile)
+    for encoder in quantized.encoders:
+        linears = [m for m in encoder.modules() if type(m) is torch.nn.Linear]
+        assert linears and all(hasattr(m.weight, "qdata") for m in linears)
+    captions = ["a red circle on the left", "a small blue square"]
+    hidden, pooled = encode_prompts(full, captions, "cpu")
+    q_hidden, q_pooled = encode_prompts(quantized, captions, "cpu")
+    assert 0 < _relative(q_hidden, hidden) < 0.02
+    assert 0 < _relative(q_pooled, pooled) < 0.02

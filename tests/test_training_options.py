@@ -401,6 +401,8 @@ OPTIONS = {
     ),
     # the frozen base in 8 bits: trained on it, evaluated and exported on the full-precision base
     "int8_base": ([], ['model.base_weights="int8"'], []),
+    # the 14gb way: text encoded every step by resident (here int8) encoders
+    "int8_base_text_in_memory": ([], ['model.base_weights="int8"', 'cache.text="memory"'], []),
     "fp8_base_locon": (
         [],
         ['model.base_weights="fp8"', 'lora.target_modules=["to_q", "to_v", "conv1"]'],
@@ -454,6 +456,12 @@ def test_option_trains_resumes_and_exports(
         assert all(r["effective_lr"] == pytest.approx(r["prodigy_d"] * r["lr"]) for r in rows)
         assert rows[-1]["prodigy_d"] > 1e-6  # D grew from its start, d0 = 1e-6
         assert (result.output_dir / "loss.png").is_file()
+
+    if option.startswith(("int8_base", "fp8_base")):  # the card and profile.toml say so
+        kind = option.split("_")[0]
+        card = (result.output_dir / "README.md").read_text()
+        assert f"base weights in training | {kind}" in card
+        assert f'base_weights = "{kind}"' in (result.output_dir / "profile.toml").read_text()
 
     # 2. It resumes bit for bit after a stop at step 2.
     resume_sets = ("train.batch_size=2", "train.max_steps=4", "train.checkpoint_every=2", *sets)
