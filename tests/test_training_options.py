@@ -401,6 +401,7 @@ OPTIONS = {
     ),
     # the frozen base in 8 bits: trained on it, evaluated and exported on the full-precision base
     "int8_base": ([], ['model.base_weights="int8"'], []),
+    "int8_base_dora": ([], ['model.base_weights="int8"', "lora.use_dora=true"], []),
     # the 14gb way: text encoded every step by resident (here int8) encoders
     "int8_base_text_in_memory": ([], ['model.base_weights="int8"', 'cache.text="memory"'], []),
     "fp8_base_locon": (
@@ -480,7 +481,7 @@ def test_option_trains_resumes_and_exports(
     # 3. Its kohya export loads through diffusers and fuses to the training output's UNet; for
     # DoRA the diffusers export (diffusers drops dora_scale from kohya files).
     out = tmp_path / "export.safetensors"
-    fmt = "diffusers" if option.startswith("dora") else "kohya"
+    fmt = "diffusers" if "dora" in option else "kohya"
     exported = invoke(
         cli_runner,
         ["export", "--lora", str(result.output_dir), "--out", str(out), "--format", fmt,
