@@ -241,18 +241,9 @@ def test_sampling_on_the_quantized_base(cli_runner, tiny_model_dir, tmp_path) ->
 
 
 def test_without_torchao_the_error_names_the_extra(cli_runner, tmp_path, monkeypatch) -> None:
-    import builtins
+    from tests.train_support import cli_args, hide_package
 
-    from tests.train_support import cli_args
-
-    real_import = builtins.__import__
-
-    def no_torchao(name, *args, **kwargs):
-        if name == "torchao" or name.startswith("torchao."):
-            raise ImportError("No module named 'torchao'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    hide_package(monkeypatch, "torchao")
     result = invoke(
         cli_runner, cli_args(tmp_path / "c", tmp_path / "o", 'model.base_weights="int8"')
     )

@@ -501,16 +501,9 @@ def test_option_trains_resumes_and_exports(
 
 def test_prodigy_without_prodigyopt_is_a_clear_error(cli_runner, tmp_path: Path, monkeypatch):
     """Without the optional extra: exit 2, the package and the install command named."""
-    import builtins
+    from tests.train_support import hide_package
 
-    real_import = builtins.__import__
-
-    def no_prodigyopt(name, *args, **kwargs):
-        if name == "prodigyopt" or name.startswith("prodigyopt."):
-            raise ImportError("No module named 'prodigyopt'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_prodigyopt)
+    hide_package(monkeypatch, "prodigyopt")
     args = cli_args(tmp_path / "c", tmp_path / "o", "train.learning_rate=1.0")
     result = invoke(cli_runner, [*args, "--enable", "prodigy"])
     assert result.exit_code == 2, result.output

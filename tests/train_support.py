@@ -58,6 +58,20 @@ def cli_args(cache_dir: Path, output: Path, *sets: str) -> list[str]:
     return args
 
 
+def hide_package(monkeypatch: Any, package: str) -> None:
+    """Make ``import package`` (and its submodules) fail as if it were not installed."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == package or name.startswith(package + "."):
+            raise ImportError(f"No module named '{package}'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without)
+
+
 class SignalAt:
     """Sends ``signum`` to this process right after optimizer step ``step`` (a real signal,
     delivered to the trainer's handler)."""

@@ -9,6 +9,7 @@ import click
 
 from naruto_lora.cli.common import profile_options
 from naruto_lora.cli.lora_source import lora_options, resolve_lora_source
+from naruto_lora.config.profile import BASE_WEIGHTS
 from naruto_lora.sample.pipeline import DEFAULT_SCALES, SCHEDULER_NAMES
 
 
@@ -102,7 +103,7 @@ def quiet_loading() -> None:
 )
 @click.option(
     "--base-weights",
-    type=click.Choice(["full", "int8", "fp8"]),
+    type=click.Choice(BASE_WEIGHTS),
     default=None,
     help="Store the base UNet and text encoders in 8 bits (the LoRA stays attached in full "
     "precision). Default: the profile's model.base_weights.",

@@ -40,6 +40,9 @@ LR_SCHEDULERS = (
 )
 
 
+BASE_WEIGHTS = ("full", "int8", "fp8")  # model.base_weights (naruto_lora.models.quantize)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     pretrained: str = DEFAULT_MODEL
@@ -48,9 +51,10 @@ class ModelConfig:
     vae: str = DEFAULT_VAE
     revision: str = ""
     variant: str = ""
-    # The frozen base's storage: "full" (the training dtype), or "int8" / "fp8": one byte per
-    # weight with a scale per output channel (UNet, and text encoders kept resident), computed in
-    # the training dtype; the LoRA stays full precision (naruto_lora.models.quantize).
+    # The frozen base's storage (BASE_WEIGHTS): "full" (the training dtype), or "int8" / "fp8":
+    # one byte per weight with a scale per output channel (UNet, and text encoders kept
+    # resident), computed in the training dtype; the LoRA stays full precision
+    # (naruto_lora.models.quantize).
     base_weights: str = "full"
 
 
@@ -542,7 +546,7 @@ _VALUE_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("model.pretrained", bool, "a hub id or a local folder"),
     (
         "model.base_weights",
-        lambda v: v in ("full", "int8", "fp8"),
+        lambda v: v in BASE_WEIGHTS,
         '"full" (the training dtype), "int8" or "fp8"',
     ),
     ("cache.shard_items", lambda v: v >= 1, "at least 1"),

@@ -137,9 +137,9 @@ def compare_magnitudes(
     """The DoRA magnitudes of a file read back, against the training output's."""
     worst = 0.0
     for name, lora in weights.modules.items():
-        back = read.modules[name].magnitude if name in read.modules else None
         if lora.magnitude is None:
             continue
+        back = read.modules[name].magnitude if name in read.modules else None
         if back is None:
             raise _bug(f"module {name} was written without its DoRA magnitude", path)
         error = _relative_error(back.float(), lora.magnitude.float())

@@ -75,6 +75,16 @@ def targeted_modules(
     }
 
 
+def targeted_convolutions(unet: torch.nn.Module, targets: tuple[str, ...] | list[str]) -> list[str]:
+    """The Conv2d modules the targets name (they get the conv rank, and stay full precision on
+    a quantized base)."""
+    return [
+        name
+        for name, module in targeted_modules(unet, targets).items()
+        if isinstance(module, torch.nn.Conv2d)
+    ]
+
+
 def conv_rank_and_alpha(lora_cfg: Any) -> tuple[int, float]:
     """The conv layers' rank and alpha (``lora.conv_rank``, ``lora.conv_alpha``; 0 = derived)."""
     rank = getattr(lora_cfg, "conv_rank", 0) or lora_cfg.rank

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from naruto_lora.config.profile import BASE_WEIGHTS
 from naruto_lora.util.console import quiet_torchao_logs
 from naruto_lora.util.errors import UserError
 
-BASE_WEIGHTS = ("full", "int8", "fp8")
 # torchao's symmetric int8 mapping: scale = absmax / ((127 - (-128)) / 2), values in [-128, 127]
 INT8_HALF_RANGE = 127.5
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -48,17 +48,10 @@ class QuantizedSummary:
     bytes_after: int
 
 
-@contextlib.contextmanager
-def _quiet_import() -> Iterator[None]:
-    quiet_torchao_logs()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
 def _torchao(kind: str):
+    quiet_torchao_logs()
     try:
-        with _quiet_import():
+        with _quiet():
             from torchao.quantization import (
                 Float8WeightOnlyConfig,
                 Int8WeightOnlyConfig,
@@ -141,20 +134,22 @@ def describe_quantized(what: str, summary: QuantizedSummary) -> str:
     )
 
 
-def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    total = 0
-    for t in tensors:
-        names = getattr(t, "tensor_data_names", None)
-        if names:  # a torchao tensor subclass: its inner tensors hold the storage
-            total += sum(getattr(t, n).numel() * getattr(t, n).element_size() for n in names)
-        else:
-            total += t.numel() * t.element_size()
-    return total
+def is_wrapper(tensor: torch.Tensor) -> bool:
+    """A tensor subclass whose storage is in the tensors it wraps (torchao's quantized weights:
+    the 8-bit values and their scales)."""
+    return hasattr(type(tensor), "__tensor_flatten__") and hasattr(tensor, "tensor_data_names")
+
+
+def wrapped_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    names, _ = tensor.__tensor_flatten__()
+    return [getattr(tensor, name) for name in names]
 
 
 def module_bytes(module: torch.nn.Module) -> int:
     """Bytes of a module's parameters and buffers, quantized ones counted by what they store."""
-    return _tensor_bytes([*module.parameters(), *module.buffers()])
+    tensors = [*module.parameters(), *module.buffers()]
+    stored = [inner for t in tensors for inner in (wrapped_tensors(t) if is_wrapper(t) else [t])]
+    return sum(t.numel() * t.element_size() for t in stored)
 
 
 def quantize_frozen(

@@ -411,14 +411,14 @@ def _eight_bit_savings(profile: Profile, configs: Any) -> tuple[int, int]:
     stay as they are) and on the text encoders (their Linear weights)."""
     import torch
 
-    from naruto_lora.lora.inject import targeted_modules
+    from naruto_lora.lora.inject import targeted_convolutions
     from naruto_lora.plan.core import SimTarget, weight_dtype_for
     from naruto_lora.plan.models import meta_text_encoders, meta_unet
 
     dtype, _ = weight_dtype_for(profile, SimTarget())
     per_weight = torch.empty((), dtype=dtype).element_size() - 1
     unet = meta_unet(configs, dtype)
-    kept = set(targeted_modules(unet, profile.lora.target_modules))
+    kept = set(targeted_convolutions(unet, profile.lora.target_modules))
     unet_numel = sum(
         m.weight.numel()
         for n, m in unet.named_modules()

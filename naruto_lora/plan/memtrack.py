@@ -30,21 +30,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from naruto_lora.models.quantize import is_wrapper, wrapped_tensors
+
 # The CUDA caching allocator hands out blocks in multiples of 512 bytes.
 CUDA_BLOCK_BYTES = 512
 GIB = 1024**3
 # Storages under a label with this prefix are tracked but live in host memory, not the device's
 # (e.g. EMA weights kept on the CPU): they do not count toward the total.
 HOST_PREFIX = "host:"
-
-
-def _wraps(tensor: torch.Tensor) -> bool:
-    return hasattr(type(tensor), "__tensor_flatten__") and hasattr(tensor, "tensor_data_names")
-
-
-def _inner_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
-    names, _ = tensor.__tensor_flatten__()
-    return [getattr(tensor, name) for name in names]
 
 
 def _rounded(nbytes: int, block: int) -> int:
@@ -106,8 +99,8 @@ class AllocationTracker(TorchDispatchMode):
     def track(self, tensor: torch.Tensor) -> None:
         """Count ``tensor``'s storage if it is new (or grew); a tensor subclass that wraps others
         (torchao's quantized weights) by the storages of the tensors inside."""
-        if _wraps(tensor):
-            for inner in _inner_tensors(tensor):
+        if is_wrapper(tensor):
+            for inner in wrapped_tensors(tensor):
                 self.track(inner)
             return
         if tensor.layout != torch.strided or tensor.device.type == "meta":
@@ -136,8 +129,8 @@ class AllocationTracker(TorchDispatchMode):
         for tensor in tensors:
             if tensor is None:
                 continue
-            if _wraps(tensor):
-                self.relabel(_inner_tensors(tensor), label)
+            if is_wrapper(tensor):
+                self.relabel(wrapped_tensors(tensor), label)
                 continue
             self.track(tensor)
             info = self._info.get(tensor.untyped_storage())

@@ -209,10 +209,12 @@ def materialise(module: torch.nn.Module) -> torch.nn.Module:
 
     A quantized weight (a torchao tensor subclass, ``model.base_weights``) has no ``empty_like``:
     it is rebuilt from empty copies of its inner tensors (the int8 values and their scales)."""
+    from naruto_lora.models.quantize import is_wrapper
+
     subclassed = []
     for owner in module.modules():
         for name, param in list(owner.named_parameters(recurse=False)):
-            if hasattr(param, "__tensor_flatten__") and type(param.data) is not torch.Tensor:
+            if is_wrapper(param.data):
                 subclassed.append((owner, name, param.data))
                 delattr(owner, name)
     module.to_empty(device="cpu")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -139,17 +140,12 @@ def sampling_pipeline(
 
     unet, vae = meta_unet(configs, dtype), meta_vae(configs, dtype)
     encoders = meta_text_encoders(configs, dtype)
-    kind = profile.model.base_weights
-    if kind != "full" and streamed is None:  # as nlora sample: not with --low-vram
-        from naruto_lora.lora.inject import targeted_modules
-        from naruto_lora.models.quantize import quantize_frozen
+    if streamed is None:  # as nlora sample: an 8-bit base, but not with --low-vram
+        from naruto_lora.train.setup import quantize_base, quantize_text_encoders
 
-        targets = targeted_modules(unet, profile.lora.target_modules)
-        keep = [n for n, m in targets.items() if isinstance(m, torch.nn.Conv2d)]
         with on_meta():
-            quantize_frozen(unet, kind, keep=keep)
-            for encoder in encoders:
-                quantize_frozen(encoder, kind, convolutions=False)
+            quantize_base(unet, profile)
+            quantize_text_encoders(SimpleNamespace(encoders=encoders), profile)
     for module, label in ((unet, WEIGHTS), (vae, VAE), *((e, TEXT_ENCODERS) for e in encoders)):
         with tracker.labelled(streamed or label):
             materialise(module)

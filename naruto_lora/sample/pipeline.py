@@ -468,7 +468,7 @@ def sample(
     set_scheduler(pipe, options.scheduler)
     model = model_cfg.pretrained + (f" + VAE {model_cfg.vae}" if model_cfg.vae else "")
     sampler = Sampler(pipe=pipe, model=model, lora=weights)
-    kind = base_weights or getattr(model_cfg, "base_weights", "full")
+    kind = base_weights or model_cfg.base_weights
     if kind != "full" and low_vram:
         console.print(
             f"[yellow]note:[/] --low-vram streams the weights layer by layer: the base stays in "

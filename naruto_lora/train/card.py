@@ -34,19 +34,15 @@ def _table(rows: list[tuple[str, Any]]) -> str:
 def _training_rows(profile: Any, run: RunSummary) -> list[tuple[str, Any]]:
     train = profile.train
     loss = f"{run.final_loss:.4f}" if run.final_loss is not None else "n/a"
+    quantized = profile.model.base_weights != "full"
+    base_row = (
+        "base weights in training",
+        f"{profile.model.base_weights} (quantized frozen base; the LoRA is a normal LoRA and "
+        "loads on the full-precision base)",
+    )
     return [
         ("base model", f"`{profile.model.pretrained}`"),
-        *(
-            [
-                (
-                    "base weights in training",
-                    f"{profile.model.base_weights} (quantized frozen base; "
-                    "the LoRA is a normal LoRA and loads on the full-precision base)",
-                )
-            ]
-            if profile.model.base_weights != "full"
-            else []
-        ),
+        *([base_row] if quantized else []),
         ("VAE", f"`{profile.model.vae}`" if profile.model.vae else "the model's own"),
         ("data", f"`{profile.data.source}`, {run.items} items at {profile.data.resolution} px"),
         ("profile", f"`{profile.name}` (resolved in `profile.toml`)"),

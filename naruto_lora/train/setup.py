@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from naruto_lora.config.profile import Profile, write_resolved
-from naruto_lora.lora.inject import inject_lora, targeted_modules, trainable_parameters
+from naruto_lora.lora.inject import inject_lora, targeted_convolutions, trainable_parameters
 from naruto_lora.models.loading import (
     latent_scale,
     load_noise_scheduler,
@@ -184,9 +184,9 @@ def quantize_base(unet: Any, profile: Profile) -> Any:
     kind = profile.model.base_weights
     if kind == "full":
         return None
-    targets = targeted_modules(unet, profile.lora.target_modules)
-    convs = [n for n, m in targets.items() if isinstance(m, torch.nn.Conv2d)]
-    return quantize_frozen(unet, kind, keep=convs)
+    return quantize_frozen(
+        unet, kind, keep=targeted_convolutions(unet, profile.lora.target_modules)
+    )
 
 
 def quantize_text_encoders(text: Any, profile: Profile) -> None:
