@@ -4,6 +4,12 @@ checkpointing, at each shipped profile's resolution. Attention is included; 2 FL
 multiply-add (``torch.utils.flop_counter``'s convention).
 
     python benchmarks/bench_flops.py [--resolution 1024 --resolution 768 ...] [--json]
+    python benchmarks/bench_flops.py --model nlora:tiny --resolution 128
+
+Beside the step it counts what diffusers' ``train_text_to_image_lora_sdxl.py`` also runs for
+every image (the VAE encoder, both text encoders on 77 tokens) and prints the ratio our step /
+its step in FLOPs: the speed ratio ``bench_vs_diffusers.py`` can reach when both run at the same
+efficiency (our caches remove that work; the UNet step itself is the same computation).
 
 Needs no GPU and no weights (published SDXL configs); about a minute per resolution on 2 cores.
 """
@@ -55,26 +61,52 @@ def counted(profile: Any, configs: Any, training: bool) -> float:
     return float(counter.flops)
 
 
-def table(resolutions: list[int]) -> list[dict[str, Any]]:
+def encoders_counted(profile: Any, configs: Any) -> tuple[float, float]:
+    """FLOPs of one image's VAE encode at the profile's resolution and of both text encoders on
+    one prompt, forward only (what the diffusers script runs every step and our caches hold)."""
+    from naruto_lora.plan.build import build_text_encoders, build_vae
+    from naruto_lora.plan.core import FlopCounter, SimTarget, tracking, weight_dtype_for
+
+    target = SimTarget()
+    dtype, _ = weight_dtype_for(profile, target)
+    size = profile.data.resolution
+    with tracking(target) as tracker, torch.no_grad():
+        vae = build_vae(profile, configs, tracker, dtype, True)
+        pixels = torch.zeros(1, 3, size, size, dtype=next(vae.parameters()).dtype)
+        with FlopCounter() as vae_counter:
+            vae.encode(pixels).latent_dist.sample()
+        text = build_text_encoders(profile, configs, tracker, dtype, True)
+        with FlopCounter() as text_counter:
+            for encoder in text.encoders:
+                ids = torch.zeros(1, encoder.config.max_position_embeddings, dtype=torch.long)
+                encoder(ids, output_hidden_states=True)
+    return float(vae_counter.flops), float(text_counter.flops)
+
+
+def table(resolutions: list[int], model: str = "") -> list[dict[str, Any]]:
     from naruto_lora.plan.models import load_model_configs
     from naruto_lora.plugins.manager import load_profile
 
+    chosen = [f'model.pretrained="{model}"', 'model.vae=""'] if model else []
     rows = []
     for resolution in resolutions:
         base = load_profile(
-            "14gb", overrides=[f"data.resolution={resolution}", "train.batch_size=1"]
+            "14gb", overrides=[*chosen, f"data.resolution={resolution}", "train.batch_size=1"]
         )
         configs = load_model_configs(base.model)
         plain = load_profile(
             "14gb",
             overrides=[
+                *chosen,
                 f"data.resolution={resolution}",
+                "train.batch_size=1",
                 "plugins.gradient_checkpointing.enabled=false",
             ],
         )
         forward = counted(base, configs, training=False)
         step = counted(plain, configs, training=True)
         checkpointed = counted(base, configs, training=True)
+        vae_encode, text = encoders_counted(plain, configs)
         rows.append(
             {
                 "resolution": resolution,
@@ -83,6 +115,9 @@ def table(resolutions: list[int]) -> list[dict[str, Any]]:
                 "step_over_forward": step / forward,
                 "step_checkpointed_tflop": checkpointed / 1e12,
                 "checkpointed_over_forward": checkpointed / forward,
+                "vae_encode_tflop": vae_encode / 1e12,
+                "text_encoders_tflop": text / 1e12,
+                "ours_over_diffusers_script": step / (step + vae_encode + text),
             }
         )
     return rows
@@ -91,21 +126,33 @@ def table(resolutions: list[int]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resolution", type=int, action="append")
+    parser.add_argument("--model", default="", help="model id or folder (default: SDXL's)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    rows = table(args.resolution or [1024, 768, 512])
+    rows = table(args.resolution or [1024, 768, 512], args.model)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print("SDXL UNet, LoRA rank 16 on to_q/to_k/to_v/to_out.0, batch 1, TFLOP per image:")
-        print(f"{'px':>6} {'forward':>9} {'step':>9} {'x fwd':>6} {'step+ckpt':>10} {'x fwd':>6}")
+        name = args.model or "SDXL"
+        print(f"{name} UNet, LoRA rank 16 on to_q/to_k/to_v/to_out.0, batch 1, TFLOP per image:")
+        print(
+            f"{'px':>6} {'forward':>9} {'step':>9} {'x fwd':>6} {'step+ckpt':>10} {'x fwd':>6}"
+            f" {'vae enc':>9} {'text':>9} {'ours/script':>12}"
+        )
+        digits = 2 if max(r["step_tflop"] for r in rows) >= 0.1 else 5
         for r in rows:
             print(
-                f"{r['resolution']:>6} {r['forward_tflop']:>9.2f} {r['step_tflop']:>9.2f} "
-                f"{r['step_over_forward']:>6.2f} {r['step_checkpointed_tflop']:>10.2f} "
-                f"{r['checkpointed_over_forward']:>6.2f}"
+                f"{r['resolution']:>6} {r['forward_tflop']:>9.{digits}f} "
+                f"{r['step_tflop']:>9.{digits}f} {r['step_over_forward']:>6.2f} "
+                f"{r['step_checkpointed_tflop']:>10.{digits}f} "
+                f"{r['checkpointed_over_forward']:>6.2f} {r['vae_encode_tflop']:>9.{digits}f} "
+                f"{r['text_encoders_tflop']:>9.{digits}f} {r['ours_over_diffusers_script']:>12.2f}"
             )
+        print(
+            "ours/script: our step's FLOPs (latents and text read from the caches) over the "
+            "diffusers script's (UNet step + VAE encode + both text encoders), no checkpointing."
+        )
     print(f"[bench_flops took {time.perf_counter() - started:.0f} s]", file=sys.stderr)
 
 

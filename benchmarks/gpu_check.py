@@ -13,7 +13,9 @@ Then the speed variants on one profile (``--variant-profile``, 14gb), each as a 
 profile's default in the same run: torch.compile, channels-last, each SDPA kernel, bf16 against
 fp16, foreach against fused AdamW, 8-bit AdamW when bitsandbytes is installed. Then the training
 paths fp16 + grad scaler, bf16 and 8-bit AdamW for a few updates each, which must give finite
-losses. Writes ``gpu_check.json`` and ``gpu_check.md`` into ``--out``.
+losses. And the work diffusers' ``train_text_to_image_lora_sdxl.py`` adds to each update (VAE
+encode, fp32 and training precision; both text encoders), timed on the device: our update over
+the script's. Writes ``gpu_check.json`` and ``gpu_check.md`` into ``--out``.
 
 Every case runs the training loop's own pieces: the profile resolved as ``nlora train`` resolves
 it, ``make_accelerator``, ``make_trainable`` (LoRA, ``nlora_prepare_unet`` hooks),
@@ -51,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Clock, device_peak_tflops, machine  # noqa: E402
 
 PROFILES = ("14gb", "12gb", "8gb", "6gb")
+SCRIPT_LABEL = "{}: the diffusers script's extra work"
 SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
 JSON_NAME, MARKDOWN_NAME = "gpu_check.json", "gpu_check.md"
 
@@ -60,7 +63,7 @@ class Case:
     """One measured configuration: a profile with ``--set`` settings."""
 
     label: str
-    kind: str  # "profile" | "variant" | "path"
+    kind: str  # "profile" | "variant" | "path" | "script"
     profile: str
     settings: list[str] = field(default_factory=list)
     baseline: str | None = None  # the label this variant is a ratio to
@@ -99,6 +102,7 @@ def plan_cases(args: argparse.Namespace) -> list[Case]:
     if base not in args.profiles:
         cases.append(base_case)
     own = base_case.settings  # e.g. AdamW where 8-bit AdamW cannot run
+    cases.append(Case(SCRIPT_LABEL.format(base), "script", base, own, baseline=base_case.label))
     variants = [
         Case(
             f"{base} + channels_last", "variant", base, [*own, "plugins.channels_last.enabled=true"]
@@ -466,6 +470,90 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, out_dir
     return result
 
 
+@torch.no_grad()
+def encode_as_the_script(
+    vae: Any, encoders: Any, pixels: torch.Tensor, ids: list, accumulation: int
+) -> torch.Tensor:
+    for _ in range(accumulation):
+        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        for encoder, token_ids in zip(encoders, ids, strict=True):
+            encoder(token_ids, output_hidden_states=True)
+    return latents
+
+
+def script_extra_work(
+    case: Case, args: argparse.Namespace, device: torch.device, out_dir: Path
+) -> dict:
+    """What diffusers' ``train_text_to_image_lora_sdxl.py`` runs per optimizer update on top of
+    the UNet step: the VAE encode of every image and both text encoders in the training
+    precision, no gradients. Its default keeps the base's VAE in fp32 (outside autocast); with
+    ``--pretrained_vae_model_name_or_path`` (an fp16-safe VAE) the VAE runs in the training
+    precision, measured too on a GPU. Our caches remove exactly this work; the UNet step is the
+    same computation on both sides, so our step / (our step + this) is the speed ratio."""
+    from diffusers import AutoencoderKL
+
+    from naruto_lora.plan.models import load_model_configs, quiet_libraries
+    from naruto_lora.plugins.manager import load_profile
+    from naruto_lora.util.devices import DTYPES
+
+    profile = load_profile(case.profile, overrides=base_settings(args, out_dir) + case.settings)
+    configs = load_model_configs(profile.model)
+    train_dtype = DTYPES[profile.train.mixed_precision] if device.type == "cuda" else torch.float32
+    started = time.perf_counter()
+    reset_memory(device)
+    torch.manual_seed(profile.train.seed)
+    with quiet_libraries(), torch.device(device):
+        vae = AutoencoderKL.from_config(configs.vae).requires_grad_(False).eval()
+    text = random_text_encoders(configs, device, train_dtype)
+    batch, size = profile.train.batch_size, profile.data.resolution
+    ids = [
+        torch.zeros(batch, e.config.max_position_embeddings, dtype=torch.long, device=device)
+        for e in text.encoders
+    ]
+    by_vae_dtype = {}
+    for vae_dtype in dict.fromkeys((torch.float32, train_dtype)):
+        vae.to(vae_dtype)
+        pixels = torch.rand(batch, 3, size, size, device=device, dtype=vae_dtype) * 2 - 1
+        work = (vae, text.encoders, pixels, ids, profile.train.gradient_accumulation_steps)
+        by_vae_dtype[str(vae_dtype).removeprefix("torch.")] = timed_encoding(work, args, device)
+    default = by_vae_dtype["float32"]
+    result = {
+        **default,
+        "vae_dtype": "float32",
+        "text_dtype": str(train_dtype).removeprefix("torch."),
+        "by_vae_dtype": by_vae_dtype,
+        "finite": all(r["finite"] for r in by_vae_dtype.values()),
+        "case_s": time.perf_counter() - started,
+    }
+    result.update(memory_report(device))
+    del vae, text, pixels, work  # freed before the next case
+    reset_memory(device)
+    return result
+
+
+def timed_encoding(work: tuple, args: argparse.Namespace, device: torch.device) -> dict:
+    from naruto_lora.plan.core import FlopCounter
+
+    with FlopCounter() as counter:
+        latents = encode_as_the_script(*work)
+    clock, seconds = Clock(device), []
+    for i in range(args.warmup + args.updates):
+        clock.lap()
+        encode_as_the_script(*work)
+        if i >= args.warmup:
+            seconds.append(clock.lap())
+    step_s = statistics.median(seconds)
+    return {
+        "step_s": step_s,
+        "step_s_all": [round(v, 5) for v in seconds],
+        "latents_shape": list(latents.shape),
+        "tflop_per_update": counter.flops / 1e12,
+        "achieved_tflops": counter.flops / step_s / 1e12,
+        "clock": clock.kind,
+        "finite": bool(torch.isfinite(latents).all()),
+    }
+
+
 def add_planner_figures(result: dict, prediction: dict, peak_tflops: float | None) -> None:
     result.update(prediction)
     flops = prediction.get("flops_per_update")
@@ -505,8 +593,9 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
                 entry["skipped"] = reason
             else:
                 print(f"[gpu_check] {case.label} ...", file=sys.stderr, flush=True)
+                measure = script_extra_work if case.kind == "script" else run_case
                 try:
-                    entry["result"] = run_case(case, args, device, work)
+                    entry["result"] = measure(case, args, device, work)
                 except Exception as exc:
                     entry["error"] = f"{type(exc).__name__}: {exc}"
                     entry["traceback"] = traceback.format_exc()
@@ -545,6 +634,13 @@ def add_ratios(results: list[dict[str, Any]], peak_tflops: float | None) -> None
         if "result" not in entry or base is None or "result" not in base:
             continue
         mine, theirs = entry["result"], base["result"]
+        if entry["case"]["kind"] == "script":
+            # the script's update: the same UNet step plus the VAE and text encoders
+            for extra in (mine, *mine["by_vae_dtype"].values()):
+                extra["ours_step_s"] = theirs["step_s"]
+                extra["script_step_s"] = theirs["step_s"] + extra["step_s"]
+                extra["ours_over_script"] = theirs["step_s"] / extra["script_step_s"]
+            continue
         mine["speedup_vs_default"] = theirs["step_s"] / mine["step_s"]
         mine["first_loss_vs_default"] = mine["losses"][0] - theirs["losses"][0]
         flops = theirs.get("flops_per_update")
@@ -631,6 +727,35 @@ def markdown(report: dict[str, Any]) -> str:
             f"{', '.join(r['attention_kernels'] or ['(default processor)'])} | "
             f"{_f(r.get('first_loss_vs_default'), 6)} |"
         )
+    for entry in report["cases"]:
+        if entry["case"]["kind"] != "script":
+            continue
+        r = entry.get("result")
+        lines += [
+            "",
+            "## Against diffusers' train_text_to_image_lora_sdxl.py (its extra work measured)",
+            "",
+            "| case | script's VAE | VAE encode + text encoders s/update | TFLOP/update "
+            "| TFLOP/s | our s/update | script's s/update | ours / script |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        if r is None:
+            lines.append(f"| {entry['case']['label']} | {_why(entry)} | | | | | | |")
+            continue
+        for vae_dtype, x in r["by_vae_dtype"].items():
+            how = "(its default)" if vae_dtype == "float32" else "(a separate fp16-safe VAE)"
+            lines.append(
+                f"| {entry['case']['label']} | {vae_dtype} {how} | {_f(x['step_s'], 4)} | "
+                f"{_f(x['tflop_per_update'], 4)} | {_f(x['achieved_tflops'], 2)} | "
+                f"{_f(x.get('ours_step_s'), 4)} | {_f(x.get('script_step_s'), 4)} | "
+                f"{_f(x.get('ours_over_script'), 3)} |"
+            )
+        lines += [
+            "",
+            "The script encodes every image with the VAE and runs both text encoders (in "
+            f"{r['text_dtype']}) every step; our caches hold both. Its UNet step is the same "
+            "computation as ours, so its update is ours plus the measured extra work.",
+        ]
     lines += [
         "",
         "## Training paths (a few updates each; losses must be finite)",

@@ -86,6 +86,32 @@ def test_smoke_variants_train_the_same_model_with_the_kernel_asked_for(smoke) ->
         assert by[label]["skipped"], label
 
 
+def test_smoke_measures_the_diffusers_scripts_extra_work(smoke, tiny_model_dir) -> None:
+    """The VAE encode and both text encoders the diffusers script runs per update: latents of
+    the shape the trainer's cache holds (the planner's batch for the same profile), real FLOPs,
+    and the script's update as ours plus that work."""
+    from naruto_lora.plan.models import load_model_configs
+    from naruto_lora.plan.sim import make_batch
+    from naruto_lora.plugins.manager import load_profile
+    from naruto_lora.train.conditioning import Conditioner
+
+    _, report, _ = smoke
+    by = entries(report)
+    extra = by["14gb: the diffusers script's extra work"]["result"]
+    ours = by["14gb"]["result"]
+    assert extra["finite"] and set(extra["by_vae_dtype"]) == {"float32"}  # the CPU: fp32 only
+    profile = load_profile(
+        "14gb", overrides=['model.pretrained="nlora:tiny"', 'model.vae=""', "data.resolution=64"]
+    )
+    conditioner = Conditioner(torch.device("cpu"), torch.float32, torch.Generator())
+    cached = make_batch(profile, load_model_configs(profile.model), conditioner)["latents"]
+    assert extra["latents_shape"] == list(cached.shape)
+    assert extra["tflop_per_update"] > 0 and extra["step_s"] > 0
+    assert extra["script_step_s"] == pytest.approx(ours["step_s"] + extra["step_s"])
+    assert extra["ours_over_script"] == pytest.approx(ours["step_s"] / extra["script_step_s"])
+    assert 0 < extra["ours_over_script"] < 1
+
+
 def test_smoke_writes_a_markdown_table_with_every_case(smoke) -> None:
     _, report, text = smoke
     for entry in report["cases"]:
