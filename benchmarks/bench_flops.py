@@ -20,9 +20,13 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import encode_images_as_the_script, encode_prompts_as_the_script  # noqa: E402
 
 
 def counted(profile: Any, configs: Any, training: bool) -> float:
@@ -74,12 +78,10 @@ def encoders_counted(profile: Any, configs: Any) -> tuple[float, float]:
         vae = build_vae(profile, configs, tracker, dtype, True)
         pixels = torch.zeros(1, 3, size, size, dtype=next(vae.parameters()).dtype)
         with FlopCounter() as vae_counter:
-            vae.encode(pixels).latent_dist.sample()
+            encode_images_as_the_script(vae, pixels)
         text = build_text_encoders(profile, configs, tracker, dtype, True)
         with FlopCounter() as text_counter:
-            for encoder in text.encoders:
-                ids = torch.zeros(1, encoder.config.max_position_embeddings, dtype=torch.long)
-                encoder(ids, output_hidden_states=True)
+            encode_prompts_as_the_script(text.encoders, 1)
     return float(vae_counter.flops), float(text_counter.flops)
 
 

@@ -258,3 +258,23 @@ def marginal_steps(
                 flush=True,
             )
     return {name: {"step_s": min(values), "runs": values} for name, values in runs.items()}
+
+
+# ------------------------------------------------------------------------------ the diffusers script's extra work
+
+
+@torch.no_grad()
+def encode_images_as_the_script(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """What diffusers' ``train_text_to_image_lora_sdxl.py`` does with every batch's images on
+    every step (our latent cache holds the result)."""
+    return vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encode_prompts_as_the_script(encoders: Any, batch_size: int, device: Any = None) -> None:
+    """Both text encoders on a full-length prompt, as the script runs them on every step (our
+    text cache holds the result); which token ids does not change the work."""
+    for encoder in encoders:
+        length = encoder.config.max_position_embeddings
+        ids = torch.zeros(batch_size, length, dtype=torch.long, device=device)
+        encoder(ids, output_hidden_states=True)

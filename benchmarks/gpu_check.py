@@ -50,7 +50,13 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Clock, device_peak_tflops, machine  # noqa: E402
+from common import (  # noqa: E402
+    Clock,
+    device_peak_tflops,
+    encode_images_as_the_script,
+    encode_prompts_as_the_script,
+    machine,
+)
 
 PROFILES = ("14gb", "12gb", "8gb", "6gb")
 SCRIPT_LABEL = "{}: the diffusers script's extra work"
@@ -284,6 +290,17 @@ def random_unet(configs: Any, device: torch.device, dtype: torch.dtype) -> torch
     return torch.nn.Module.to(unet, dtype=dtype)
 
 
+def random_vae(configs: Any, device: torch.device) -> Any:
+    """The VAE from its config, random, frozen, in fp32 on the device."""
+    from diffusers import AutoencoderKL
+
+    from naruto_lora.plan.models import quiet_libraries
+
+    with quiet_libraries(), torch.device(device):
+        vae = AutoencoderKL.from_config(configs.vae)
+    return vae.requires_grad_(False).eval()
+
+
 def random_text_encoders(configs: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """Both CLIP encoders from their configs, random, on the device; token ids of the right
     shape stand in for the tokenizers (the speed does not depend on which ids)."""
@@ -470,17 +487,6 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, out_dir
     return result
 
 
-@torch.no_grad()
-def encode_as_the_script(
-    vae: Any, encoders: Any, pixels: torch.Tensor, ids: list, accumulation: int
-) -> torch.Tensor:
-    for _ in range(accumulation):
-        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-        for encoder, token_ids in zip(encoders, ids, strict=True):
-            encoder(token_ids, output_hidden_states=True)
-    return latents
-
-
 def script_extra_work(
     case: Case, args: argparse.Namespace, device: torch.device, out_dir: Path
 ) -> dict:
@@ -490,45 +496,42 @@ def script_extra_work(
     ``--pretrained_vae_model_name_or_path`` (an fp16-safe VAE) the VAE runs in the training
     precision, measured too on a GPU. Our caches remove exactly this work; the UNet step is the
     same computation on both sides, so our step / (our step + this) is the speed ratio."""
-    from diffusers import AutoencoderKL
-
-    from naruto_lora.plan.models import load_model_configs, quiet_libraries
+    from naruto_lora.plan.models import load_model_configs
     from naruto_lora.plugins.manager import load_profile
-    from naruto_lora.util.devices import DTYPES
+    from naruto_lora.train.setup import precision_for
 
     profile = load_profile(case.profile, overrides=base_settings(args, out_dir) + case.settings)
     configs = load_model_configs(profile.model)
-    train_dtype = DTYPES[profile.train.mixed_precision] if device.type == "cuda" else torch.float32
+    _, train_dtype = precision_for(profile, device)
     started = time.perf_counter()
     reset_memory(device)
     torch.manual_seed(profile.train.seed)
-    with quiet_libraries(), torch.device(device):
-        vae = AutoencoderKL.from_config(configs.vae).requires_grad_(False).eval()
+    vae = random_vae(configs, device)
     text = random_text_encoders(configs, device, train_dtype)
-    batch, size = profile.train.batch_size, profile.data.resolution
-    ids = [
-        torch.zeros(batch, e.config.max_position_embeddings, dtype=torch.long, device=device)
-        for e in text.encoders
-    ]
     by_vae_dtype = {}
     for vae_dtype in dict.fromkeys((torch.float32, train_dtype)):
-        vae.to(vae_dtype)
-        pixels = torch.rand(batch, 3, size, size, device=device, dtype=vae_dtype) * 2 - 1
-        work = (vae, text.encoders, pixels, ids, profile.train.gradient_accumulation_steps)
+        size = profile.data.resolution
+        pixels = torch.rand(profile.train.batch_size, 3, size, size, device=device) * 2 - 1
+        work = (vae.to(vae_dtype), text.encoders, pixels.to(vae_dtype), profile.train)
         by_vae_dtype[str(vae_dtype).removeprefix("torch.")] = timed_encoding(work, args, device)
-    default = by_vae_dtype["float32"]
     result = {
-        **default,
-        "vae_dtype": "float32",
-        "text_dtype": str(train_dtype).removeprefix("torch."),
         "by_vae_dtype": by_vae_dtype,
+        "text_dtype": str(train_dtype).removeprefix("torch."),
+        "clock": by_vae_dtype["float32"]["clock"],
         "finite": all(r["finite"] for r in by_vae_dtype.values()),
         "case_s": time.perf_counter() - started,
+        **memory_report(device),
     }
-    result.update(memory_report(device))
     del vae, text, pixels, work  # freed before the next case
     reset_memory(device)
     return result
+
+
+def encode_as_the_script(vae: Any, encoders: Any, pixels: torch.Tensor, train: Any) -> torch.Tensor:
+    for _ in range(train.gradient_accumulation_steps):
+        latents = encode_images_as_the_script(vae, pixels)
+        encode_prompts_as_the_script(encoders, train.batch_size, pixels.device)
+    return latents
 
 
 def timed_encoding(work: tuple, args: argparse.Namespace, device: torch.device) -> dict:
@@ -636,7 +639,7 @@ def add_ratios(results: list[dict[str, Any]], peak_tflops: float | None) -> None
         mine, theirs = entry["result"], base["result"]
         if entry["case"]["kind"] == "script":
             # the script's update: the same UNet step plus the VAE and text encoders
-            for extra in (mine, *mine["by_vae_dtype"].values()):
+            for extra in mine["by_vae_dtype"].values():
                 extra["ours_step_s"] = theirs["step_s"]
                 extra["script_step_s"] = theirs["step_s"] + extra["step_s"]
                 extra["ours_over_script"] = theirs["step_s"] / extra["script_step_s"]
